@@ -159,9 +159,11 @@ class DeepLabVGG(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Initialise as the release does for new layers: fc8 and MSc branches Gaussian std 0.01 and
-        zero bias (prototxt ``weight_filler { type: "gaussian" std: 0.01 }``); the VGG layers, which the
-        release always loads from ImageNet, get Kaiming-normal weights so training from scratch works.
+        """Initialise as the release does for new layers: fc8 and the MSc branches Gaussian std 0.01, zero
+        bias (prototxt ``weight_filler { type: "gaussian" std: 0.01 }``). The VGG layers, which the release
+        always loads from ImageNet, get Kaiming-normal weights for training from scratch, with conv1_1
+        divided by 64 so that BGR 0..255 inputs (RMS about 64 after mean subtraction) give unit-scale
+        activations; without that, lr 0.001 diverges from random weights.
         """
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d):
@@ -169,6 +171,9 @@ class DeepLabVGG(nn.Module):
                     nn.init.normal_(m.weight, std=0.01, generator=generator)
                 else:
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=generator)
+                    if name == "conv1_1":
+                        with torch.no_grad():
+                            m.weight.div_(64.0)
                 nn.init.zeros_(m.bias)
 
     def caffe_layer_names(self) -> list[str]:
@@ -207,7 +212,13 @@ class DeepLabVGG(nn.Module):
         h = self.drop7(self.relu(self.fc7(h)))
         out = self.fc8(h)
         for name, branch in self.msc.items():
-            out = out + branch(taps[name])
+            score = branch(taps[name])
+            if score.shape != out.shape:
+                raise ValueError(
+                    f"MSc branch {name}_ms gives {tuple(score.shape[-2:])} scores but fc8 gives {tuple(out.shape[-2:])} "
+                    f"for input {tuple(x.shape[-2:])}: use input sides of 8k + 1 pixels (321, 513) as the release"
+                )
+            out = out + score
         return out
 
 

@@ -1,0 +1,100 @@
+"""The ``deeplab`` command: ``run`` (every stage of an experiment) and one subcommand per stage.
+
+    deeplab run [EXPERIMENT.yaml] [--set key=value ...] [--redo STAGE ...]
+    deeplab train|test|crf-search|crf|evaluate EXPERIMENT.yaml [--set ...] [--redo]
+    deeplab convert IN.caffemodel OUT.pth --model NAME
+
+With no experiment, ``run`` uses ``experiments/default.yaml``: a short LargeFOV run on the real VOC
+images shipped in ``experiments/sample``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .config import STAGES, ConfigError, load_config
+
+DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
+
+
+def _add_common(p: argparse.ArgumentParser, optional_experiment: bool = False) -> None:
+    if optional_experiment:
+        p.add_argument("experiment", nargs="?", type=Path, default=None,
+                       help=f"experiment YAML (default: {DEFAULT_EXPERIMENT.parent.name}/{DEFAULT_EXPERIMENT.name})")
+    else:
+        p.add_argument("experiment", type=Path, help="experiment YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.iterations=100 (repeatable; YAML values)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deeplab", description="DeepLab v1 experiments: train, test, CRF, search, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run every stage of an experiment (skips finished stages)")
+    _add_common(p, optional_experiment=True)
+    p.add_argument("--redo", action="append", default=[], choices=STAGES, metavar="STAGE",
+                   help=f"rerun this stage and the ones after it ({', '.join(STAGES)})")
+    helps = {
+        "train": "train the network (resumes from the last checkpoint)",
+        "test": "compute and cache the stride-8 scores and the DCNN predictions",
+        "crf-search": "grid-search the CRF parameters w1, sigma_alpha, sigma_beta on cached scores",
+        "crf": "run the fully connected CRF on the cached scores",
+        "evaluate": "mIoU, pixel accuracy, trimap and report.md",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _add_common(p)
+        p.add_argument("--redo", action="store_true", help="run the stage even if it is done")
+        if name in ("crf", "crf-search"):
+            p.add_argument("--backend", choices=["pydensecrf", "torch"], help="CRF backend (overrides the YAML)")
+            p.add_argument("--device", choices=["cpu", "cuda"], help="device of the torch CRF backend")
+    p = sub.add_parser("convert", help="convert a .caffemodel (release or ImageNet VGG-16) into a checkpoint",
+                       add_help=False)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "convert":
+        from .weights.convert import main as convert_main
+
+        return int(convert_main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    experiment = args.experiment or DEFAULT_EXPERIMENT
+    overrides = list(args.overrides)
+    if getattr(args, "backend", None):
+        section = "crf_search" if args.command == "crf-search" else "crf"
+        overrides.append(f"{section}.backend={args.backend}")
+    if getattr(args, "device", None):
+        section = "crf_search" if args.command == "crf-search" else "crf"
+        overrides.append(f"{section}.device={args.device}")
+    from .runner import Runner, StageError
+    from .data.io import DataError
+
+    try:
+        cfg = load_config(experiment, overrides)
+        if args.command == "run":
+            runner = Runner(cfg, progress=not args.no_progress, redo=args.redo)
+            runner.run()
+        else:
+            stage = args.command.replace("-", "_")
+            runner = Runner(cfg, progress=not args.no_progress, redo=[stage] if args.redo else [])
+            if args.redo:  # only this stage, not the ones after it
+                runner.redo = set()
+                rec = runner._record_path(stage)
+                if rec.is_file():
+                    rec.unlink()
+                    runner._clear(stage)
+            runner.run([stage])
+    except (ConfigError, StageError, DataError, FloatingPointError) as exc:
+        print(f"deeplab: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

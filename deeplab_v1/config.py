@@ -1,0 +1,458 @@
+"""Experiment configuration: a typed schema (dataclasses) loaded from YAML and validated before any work.
+
+One YAML file describes one experiment (STYLE.md: sections for model, data, train, test, CRF, search,
+evaluation). Every key is checked: an unknown key, a value of the wrong type or a path that does not exist
+stops with a ``ConfigError`` naming the file and the dotted key. Relative paths are resolved against the
+YAML file's folder. ``--set section.key=value`` overrides are applied before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid experiment configuration; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    """``model:`` section.
+
+    ``name`` is a ``deeplab_v1.models.build_model`` name. ``init`` is the initial weights: a ``.caffemodel``
+    (release model or ImageNet VGG-16), a checkpoint of ours (``.pth``) or an ImageNet VGG-16 ``.pth`` in the
+    common PyTorch layout; ``null`` starts from random weights (the report says so). ``output_stride``,
+    ``multi_grid``, ``separable``, ``root`` are the v3/v3+ options of the same names (left unset for v1).
+    """
+
+    name: str = "deeplab-largefov"
+    num_classes: int = 21
+    init: Optional[Path] = None
+    output_stride: Optional[int] = None
+    multi_grid: Optional[list[int]] = None
+    separable: Optional[bool] = None
+    root: Optional[str] = None
+
+    def options(self) -> dict[str, Any]:
+        """The v3/v3+ keyword options that are set (passed to ``build_model``)."""
+        opts = {k: getattr(self, k) for k in ("output_stride", "multi_grid", "separable", "root")}
+        opts = {k: v for k, v in opts.items() if v is not None}
+        if "multi_grid" in opts:
+            opts["multi_grid"] = tuple(opts["multi_grid"])
+        return opts
+
+
+@dataclass
+class DataConfig:
+    """``data:`` section.
+
+    ``root`` holds JPEGImages and SegmentationClass (VOC2012 layout) or SegmentationClassAug (SBD). A list
+    is a split name (``train``, ``val``: ImageSets/Segmentation/<name>.txt) or a deeplab-public list file
+    (``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` per line). ``max_train_images`` /
+    ``max_test_images`` keep the first N entries (quick runs); ``null`` keeps all.
+    """
+
+    root: Path = Path("data/VOC2012")
+    train_list: str = "train"
+    test_list: str = "val"
+    max_train_images: Optional[int] = None
+    max_test_images: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """``train:`` section. Defaults are the LargeFOV ``solver.prototxt`` and ``train.prototxt``.
+
+    ``iterations`` (Caffe ``max_iter``) of ``batch_size`` crops, gradients accumulated over ``iter_size``
+    (Caffe's iter_size); lr ``base_lr`` with ``lr_policy`` ``step`` (x ``gamma`` every ``step_size``) or
+    ``poly`` (v3: (1 - it/max)^``power``); ``momentum``, ``weight_decay``; lr x1/x2 weights/biases, x10/x20
+    for the classifier (``classifier_lr_mult``). ``label_mode``: ``shrink`` (v1: labels sampled at the
+    score-map positions, INTERP shrink_factor 8) or ``upsample`` (v3: logits upsampled to the crop).
+    ``scale_range``: random rescaling (v3: [0.5, 2.0]). ``batchnorm``: ``finetune`` or ``frozen`` (v3
+    models). ``output_stride``: v3 training output_stride (null: the model's). ``iterations: 0`` skips
+    training and tests the initial weights.
+    """
+
+    iterations: int = 6000
+    batch_size: int = 30
+    iter_size: int = 1
+    crop_size: Optional[int] = None
+    mirror: bool = True
+    base_lr: float = 0.001
+    lr_policy: Literal["step", "poly"] = "step"
+    gamma: float = 0.1
+    step_size: int = 2000
+    power: float = 0.9
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    classifier_lr_mult: float = 10.0
+    label_mode: Literal["shrink", "upsample"] = "shrink"
+    scale_range: Optional[list[float]] = None
+    batchnorm: Literal["finetune", "frozen"] = "finetune"
+    output_stride: Optional[int] = None
+    checkpoint_every: int = 2000
+    log_every: int = 10
+
+
+@dataclass
+class TestConfig:
+    """``test:`` section. ``size``: the test padding (513; 514 for ``deeplab``; null: the model's).
+    ``scales``/``flip``: multi-scale and left-right flip inference (v3; probabilities averaged).
+    ``score_source``: ``network`` or ``degraded-gt`` (a DIAGNOSTIC source of DCNN-like scores made from
+    degraded ground truth, for working on the CRF without a trained network; labelled in every output).
+    ``output_stride``: v3 evaluation output_stride (null: the model's).
+    """
+
+    size: Optional[int] = None
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    score_source: Literal["network", "degraded-gt"] = "network"
+    output_stride: Optional[int] = None
+
+
+@dataclass
+class CRFConfig:
+    """``crf:`` section: the fully connected CRF (paper Sec. 4.2) run on every test image.
+
+    ``params`` default to the release's LargeFOV ``run_densecrf.sh`` values (w1 4, sigma_alpha 49,
+    sigma_beta 5, w2 3, sigma_gamma 3, 10 iterations). When ``use_search`` is true and the run's
+    ``crf_search`` stage has found best parameters, those are used instead (the report says which).
+    """
+
+    enabled: bool = True
+    params: dict[str, Any] = field(
+        default_factory=lambda: {"w1": 4.0, "sigma_alpha": 49.0, "sigma_beta": 5.0, "w2": 3.0, "sigma_gamma": 3.0, "iterations": 10}
+    )
+    use_search: bool = True
+    backend: Literal["pydensecrf", "torch"] = "pydensecrf"
+    device: Literal["cpu", "cuda"] = "cpu"
+    workers: Optional[int] = None
+
+
+@dataclass
+class CRFSearchConfig:
+    """``crf_search:`` section: the paper's coarse-to-fine cross-validation of w1, sigma_alpha, sigma_beta
+    (Sec. 5: w2 = 3, sigma_gamma = 3 fixed; w1 in [5, 10], sigma_alpha in [50:10:100], sigma_beta in
+    [3:1:10]; 100 val images drawn with a fixed seed).
+    """
+
+    enabled: bool = False
+    num_images: int = 100
+    seed: int = 0
+    w1: list[float] = field(default_factory=lambda: [5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    sigma_alpha: list[float] = field(default_factory=lambda: [50.0, 60.0, 70.0, 80.0, 90.0, 100.0])
+    sigma_beta: list[float] = field(default_factory=lambda: [3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    w2: float = 3.0
+    sigma_gamma: float = 3.0
+    iterations: int = 10
+    rounds: int = 1
+    shrink: float = 0.5
+    objective: Literal["miou", "trimap_miou"] = "miou"
+    trimap_width: int = 5
+    backend: Literal["pydensecrf", "torch"] = "pydensecrf"
+    device: Literal["cpu", "cuda"] = "cpu"
+    workers: Optional[int] = None
+
+
+@dataclass
+class EvaluationConfig:
+    """``evaluation:`` section: trimap band widths (pixels; paper Fig. 5 uses 1..40)."""
+
+    trimap_widths: list[int] = field(default_factory=lambda: list(range(1, 41)))
+
+
+STAGES: tuple[str, ...] = ("train", "test", "crf_search", "crf", "evaluate")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment. ``output_dir``: the run folder (relative to the YAML file's folder; default
+    ``runs/<name>``). ``stages``: which of train, test, crf_search, crf, evaluate ``deeplab run`` runs."""
+
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: Optional[Path] = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    stages: list[str] = field(default_factory=lambda: ["train", "test", "crf_search", "crf", "evaluate"])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    crf_search: CRFSearchConfig = field(default_factory=CRFSearchConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    #: the YAML file this came from (not a key)
+    source: Optional[Path] = field(default=None, repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder (absolute)."""
+        assert self.output_dir is not None
+        return self.output_dir
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (ints to floats, str to Path)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, where)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise bad
+        return Path(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: section '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key, where)
+    raise bad  # pragma: no cover - every annotation above is handled
+
+
+def _build(cls: type, values: dict, prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        dotted = ", ".join(f"'{prefix + '.' if prefix else ''}{k}'" for k in unknown)
+        raise ConfigError(f"{where}: unknown key {dotted}; known keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in values.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], dotted, where)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value in YAML syntax) into (path, value).
+
+    Raises:
+        ConfigError: no ``=`` or an empty key.
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.iterations=100")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
+    """Apply ``--set`` overrides to a raw YAML mapping (a deep copy is returned).
+
+    Raises:
+        ConfigError: the override descends into a key that is not a mapping.
+    """
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: --set {text!r}: '{p}' is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def _resolve(path: Optional[Path], base: Path) -> Optional[Path]:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> None:
+    """Semantic checks that need more than types (values, model names, existing paths).
+
+    Raises:
+        ConfigError: naming the file and the key.
+    """
+    from .models import MODEL_NAMES  # late import: config stays light
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{where}: key '{key}' {msg}")
+
+    if cfg.model.name not in MODEL_NAMES:
+        fail("model.name", f"is {cfg.model.name!r}, not a known model ({', '.join(MODEL_NAMES)})")
+    if cfg.model.num_classes < 2:
+        fail("model.num_classes", f"must be >= 2, got {cfg.model.num_classes}")
+    for stage in cfg.stages:
+        if stage not in STAGES:
+            fail("stages", f"has unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    for key in ("iterations", "checkpoint_every", "log_every", "step_size"):
+        if getattr(cfg.train, key) < (0 if key == "iterations" else 1):
+            fail(f"train.{key}", f"must be positive, got {getattr(cfg.train, key)}")
+    for key in ("batch_size", "iter_size"):
+        if getattr(cfg.train, key) < 1:
+            fail(f"train.{key}", f"must be >= 1, got {getattr(cfg.train, key)}")
+    if cfg.train.base_lr <= 0:
+        fail("train.base_lr", f"must be > 0, got {cfg.train.base_lr}")
+    if cfg.train.scale_range is not None and (
+        len(cfg.train.scale_range) != 2 or not 0 < cfg.train.scale_range[0] <= cfg.train.scale_range[1]
+    ):
+        fail("train.scale_range", f"must be [min, max] with 0 < min <= max, got {cfg.train.scale_range}")
+    if not cfg.test.scales or any(s <= 0 for s in cfg.test.scales):
+        fail("test.scales", f"must be a non-empty list of positive factors, got {cfg.test.scales}")
+    for key in ("max_train_images", "max_test_images"):
+        v = getattr(cfg.data, key)
+        if v is not None and v < 1:
+            fail(f"data.{key}", f"must be >= 1 or null, got {v}")
+    try:
+        from crf import CRFParams
+
+        CRFParams.from_dict(cfg.crf.params)
+    except (ValueError, TypeError) as exc:
+        fail("crf.params", f"is invalid: {exc}")
+    s = cfg.crf_search
+    for key in ("w1", "sigma_alpha", "sigma_beta"):
+        vals = getattr(s, key)
+        if not vals or any(v <= 0 for v in vals):
+            fail(f"crf_search.{key}", f"must be a non-empty list of positive values, got {vals}")
+    if s.num_images < 1:
+        fail("crf_search.num_images", f"must be >= 1, got {s.num_images}")
+    if not 0 < s.shrink < 1:
+        fail("crf_search.shrink", f"must be in (0, 1), got {s.shrink}")
+    if s.rounds < 0:
+        fail("crf_search.rounds", f"must be >= 0, got {s.rounds}")
+    if any(w < 1 for w in cfg.evaluation.trimap_widths) or not cfg.evaluation.trimap_widths:
+        fail("evaluation.trimap_widths", f"must be positive pixel widths, got {cfg.evaluation.trimap_widths}")
+    if check_paths:
+        if not cfg.data.root.is_dir():
+            fail("data.root", f"points to {cfg.data.root}, which is not a folder")
+        if cfg.model.init is not None and not cfg.model.init.is_file():
+            fail("model.init", f"points to {cfg.model.init}, which does not exist")
+        for key in ("train_list", "test_list"):
+            value = getattr(cfg.data, key)
+            if value.endswith(".txt") and not _resolve(Path(value), cfg.source.parent if cfg.source else Path.cwd()).is_file():
+                fail(f"data.{key}", f"points to the list file {value}, which does not exist")
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, *, check_paths: bool = True) -> ExperimentConfig:
+    """Load, override, type-check and validate an experiment YAML.
+
+    Args:
+        path: the YAML file.
+        overrides: ``section.key=value`` strings (``--set``), applied before validation.
+        check_paths: check that data/init paths exist (off for tests of the schema alone).
+
+    Returns:
+        The experiment with absolute paths (relative ones are taken from the YAML file's folder).
+
+    Raises:
+        ConfigError: missing or unreadable file, invalid YAML, an unknown key, a wrong type, an invalid
+            value or a missing path; the message names the file and the key.
+    """
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: experiment file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [], where)
+    cfg = _build(ExperimentConfig, raw, "", where)
+    base = path.resolve().parent
+    cfg.source = path.resolve()
+    # crf.params given in part keep the defaults for the rest (w2, sigma_gamma, iterations)
+    cfg.crf.params = {**CRFConfig().params, **cfg.crf.params}
+    cfg.data.root = _resolve(cfg.data.root, base)
+    cfg.model.init = _resolve(cfg.model.init, base)
+    for key in ("train_list", "test_list"):
+        value = getattr(cfg.data, key)
+        if value.endswith(".txt"):
+            setattr(cfg.data, key, str(_resolve(Path(value), base)))
+    cfg.output_dir = _resolve(cfg.output_dir, base) if cfg.output_dir else (base / "runs" / cfg.name).resolve()
+    validate(cfg, where, check_paths=check_paths)
+    return cfg
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    """The resolved config as plain YAML-friendly data (paths as strings)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "source"}
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)

@@ -1,0 +1,77 @@
+"""Caffe solver semantics: lr policies, lr/decay multipliers, Caffe's momentum form, the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deeplab_v1.engine.solver import CaffeSGD, caffe_param_groups, learning_rate
+from deeplab_v1.engine.trainer import segmentation_loss
+from deeplab_v1.models import build_model
+
+
+def test_step_and_poly_policies():
+    assert learning_rate(0, base_lr=1e-3, policy="step") == pytest.approx(1e-3)
+    assert learning_rate(1999, base_lr=1e-3, policy="step") == pytest.approx(1e-3)
+    assert learning_rate(2000, base_lr=1e-3, policy="step") == pytest.approx(1e-4)
+    assert learning_rate(5999, base_lr=1e-3, policy="step") == pytest.approx(1e-5)
+    assert learning_rate(50, base_lr=0.007, policy="poly", power=0.9, max_iter=100) == pytest.approx(0.007 * 0.5 ** 0.9)
+    with pytest.raises(ValueError, match="policy"):
+        learning_rate(0, base_lr=1, policy="exp")
+
+
+def test_multipliers_follow_train_prototxt():
+    with torch.device("meta"):
+        model = build_model("deeplab-msc-largefov")
+    groups = caffe_param_groups(model, base_lr=0.001, weight_decay=0.0005)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expect = {
+        "conv1_1.weight": (0.001, 0.0005), "conv1_1.bias": (0.002, 0.0),
+        "fc7.weight": (0.001, 0.0005), "fc8.weight": (0.01, 0.0005), "fc8.bias": (0.02, 0.0),
+        "msc.pool3.ms.weight": (0.01, 0.0005), "msc.data.conv.bias": (0.02, 0.0),
+    }
+    for name, (lr, decay) in expect.items():
+        g = by_param[id(named[name])]
+        assert g["lr"] == pytest.approx(lr) and g["weight_decay"] == pytest.approx(decay), name
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_caffe_momentum_form_differs_from_torch_at_lr_change():
+    w0 = torch.tensor([1.0, -2.0])
+    grads = [torch.tensor([0.5, 0.25]), torch.tensor([-1.0, 0.5]), torch.tensor([0.2, 0.2])]
+    lrs = [0.1, 0.1, 0.01]
+    p = nn.Parameter(w0.clone())
+    opt = CaffeSGD([{"params": [p], "lr": 0.0, "lr_mult": 1.0, "weight_decay": 0.1}], momentum=0.9)
+    w, v = w0.clone(), torch.zeros(2)
+    for g, lr in zip(grads, lrs):
+        opt.set_lr(lr)
+        p.grad = g.clone()
+        opt.step()
+        v = 0.9 * v + lr * (g + 0.1 * w)  # Caffe: SGDSolver::ComputeUpdateValue
+        w = w - v
+    assert torch.allclose(p.data, w)
+    q = nn.Parameter(w0.clone())
+    topt = torch.optim.SGD([q], lr=0.1, momentum=0.9, weight_decay=0.1)
+    for g, lr in zip(grads, lrs):
+        for group in topt.param_groups:
+            group["lr"] = lr
+        q.grad = g.clone()
+        topt.step()
+    assert not torch.allclose(q.data, w)  # the forms differ once the lr steps
+
+
+def test_loss_normalised_by_valid_positions():
+    scores = torch.zeros(2, 3, 2, 2)
+    scores[:, 1] = 2.0
+    labels = torch.tensor([[[1, 255], [255, 255]], [[0, 255], [255, 255]]])
+    import math
+
+    p1 = math.exp(2) / (math.exp(2) + 2)
+    p0 = 1 / (math.exp(2) + 2)
+    expected = (-math.log(p1) - math.log(p0)) / 2  # 2 valid positions, not 8
+    assert segmentation_loss(scores, labels).item() == pytest.approx(expected, rel=1e-5)
+    assert segmentation_loss(scores, torch.full((2, 2, 2), 255)).item() == 0.0
+    with pytest.raises(ValueError, match="do not match"):
+        segmentation_loss(scores, labels[:, :1])
