@@ -61,15 +61,15 @@ def _crf_worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _crf_one(task: tuple[str, str, str, dict, str, str]) -> tuple[str, float]:
+def _crf_one(task: tuple[str, str, str, dict, str, str, str]) -> tuple[str, float]:
     """Worker: image + cached scores -> CRF -> VOC-palette PNG. Returns (id, seconds)."""
     from crf import CRFParams, dense_crf
 
-    sample_id, image_path, scores_path, params, out_path, backend = task
+    sample_id, image_path, scores_path, params, out_path, backend, device = task
     t0 = time.perf_counter()
     image = read_image(image_path)[:, :, ::-1].copy()  # BGR -> RGB for the bilateral kernel
     probs = torch.softmax(ScoreMap.load(Path(scores_path)).upsampled(), 0).numpy()
-    q = dense_crf(image, probs, CRFParams(**params), backend=backend)
+    q = dense_crf(image, probs, CRFParams(**params), backend=backend, device=device)
     write_label(Path(out_path), q.argmax(0).astype(np.uint8))
     return sample_id, time.perf_counter() - t0
 
@@ -210,10 +210,30 @@ class Runner:
         model = build_model(m.name, m.num_classes, **m.options())
         if m.init is None:
             return model, "random weights (no init given)"
+        if hasattr(model, "backbone"):  # DeepLab v3/v3+: our checkpoint, or an ImageNet ResNet backbone
+            return model, f"{m.init.name} (sha256 {_sha256(m.init)[:12]}): {self._init_v3(model, m.init)}"
         from .weights.convert import load_init
 
         report = load_init(model, m.name, m.init, num_classes=m.num_classes)
         return model, f"{m.init.name} (sha256 {_sha256(m.init)[:12]}): {report}"
+
+    def _init_v3(self, model: torch.nn.Module, path: Path) -> str:
+        """Initialise a v3/v3+ model from our checkpoint (whole model) or an ImageNet ResNet checkpoint in the
+        common PyTorch layout (backbone only; the heads keep their initialisation)."""
+        try:
+            state = load_checkpoint(path)
+        except ValueError as exc:
+            raise StageError(f"model.init: cannot read {path}: {exc}") from exc
+        inner = state.get("state_dict", state.get("model_state")) if isinstance(state, dict) else None
+        if isinstance(inner, dict):
+            model.load_state_dict(inner)
+            return "whole model from a checkpoint of ours"
+        if "xception" in self.cfg.model.name:
+            raise StageError(f"model.init: {path} is not a checkpoint of ours, and ImageNet Xception-65 checkpoints "
+                             "cannot be loaded yet; train from our checkpoint or set model.init: null")
+        from .models.resnet import load_resnet_checkpoint
+
+        return f"ImageNet ResNet backbone: {load_resnet_checkpoint(model.backbone, path)}"
 
     def trained_model(self) -> torch.nn.Module:
         """The model the test stage uses: ``checkpoints/final.pth`` if trained, else the initial weights."""
@@ -245,6 +265,9 @@ class Runner:
             if not hasattr(model, "freeze_bn"):
                 raise StageError(f"train.batchnorm: frozen needs a model with BatchNorm; {self.cfg.model.name} has none")
             model.freeze_bn(True)
+        if hasattr(model, "freeze_bn") and t.batchnorm == "finetune" and t.batch_size < 2:
+            raise StageError("train.batch_size must be >= 2 to fine-tune BatchNorm (image pooling sees one value "
+                             "per channel per image); use a larger batch or train.batchnorm: frozen")
         spec = getattr(model, "spec", None)
         crop = t.crop_size or (spec.train_crop if spec is not None else 513)
         settings = TrainSettings(
@@ -334,7 +357,7 @@ class Runner:
                 raise StageError(f"crf: no cached scores for {s.id} ({cache}); run the test stage first")
             out = out_dir / f"{s.id}.png"
             if not out.is_file():
-                tasks.append((s.id, str(s.image), str(cache), params, str(out), self.cfg.crf.backend))
+                tasks.append((s.id, str(s.image), str(cache), params, str(out), self.cfg.crf.backend, self.cfg.crf.device))
         workers = self.cfg.crf.workers or os.cpu_count() or 1
         self.log.info(f"crf: {len(tasks)} images ({len(samples) - len(tasks)} done), params {params} from {origin}, {workers} workers")
         t0 = time.perf_counter()

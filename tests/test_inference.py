@@ -1,0 +1,79 @@
+"""Inference: Caffe's INTERP upsampling and multi-scale + flip averaging."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from deeplab_v1.engine.inference import ScoreMap, kept_size, predict, upsample_scores
+
+
+class _Tiny(nn.Module):
+    """A stride-8 'network': 8x8 average pooling (ceil) then a 1x1 classifier."""
+
+    output_stride = 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pool = nn.AvgPool2d(8, 8, ceil_mode=True)
+        self.cls = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.cls(self.pool(x) / 50)
+
+
+def test_interp_is_corner_aligned_zoom_8():
+    scores = torch.randn(3, 65, 65)
+    up = upsample_scores(scores, 8, 513, 513)
+    assert up.shape == (3, 513, 513)
+    assert torch.allclose(up[:, ::8, ::8], scores, atol=1e-6)  # score k sits on pixel 8k
+    mid = (scores[:, 0, 0] + scores[:, 0, 1]) / 2
+    assert torch.allclose(up[:, 0, 4], mid, atol=1e-6)  # linear in between
+    cropped = upsample_scores(scores[:, :kept_size(375, 8), :kept_size(500, 8)], 8, 375, 500)
+    assert torch.allclose(cropped, up[:, :375, :500], atol=1e-5)  # keeping only the needed rows changes nothing
+    try:
+        upsample_scores(scores[:, :10], 8, 375, 500)
+    except ValueError as e:
+        assert "cover" in str(e)
+    else:
+        raise AssertionError("scores that do not cover the image must raise")
+
+
+def test_score_cache_round_trip(tmp_path):
+    sm = ScoreMap(np.random.randn(21, 48, 64).astype(np.float32), 8, 375, 500)
+    sm.save(tmp_path / "a.npz")
+    back = ScoreMap.load(tmp_path / "a.npz")
+    assert back.scores.dtype == np.float16 and (back.stride, back.height, back.width) == (8, 375, 500)
+    assert np.allclose(back.scores, sm.scores, atol=1e-2)
+    assert back.upsampled().shape == (21, 375, 500)
+
+
+def test_multiscale_flip_is_mean_of_individual_passes():
+    model = _Tiny().eval()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)
+    single = predict(model, image, size=65)
+    assert single.stride == 8 and single.scores.shape == (4, kept_size(37, 8), kept_size(45, 8))
+    ms = predict(model, image, size=65, scales=[0.5, 1.0], flip=True)
+    assert ms.stride == 1 and ms.scores.shape == (4, 37, 45)
+    import cv2
+    import torch.nn.functional as F
+
+    probs = []
+    for s in (0.5, 1.0):
+        img = image if s == 1.0 else cv2.resize(image, (round(45 * s), round(37 * s)), interpolation=cv2.INTER_LINEAR)
+        for flip in (False, True):
+            x = img[:, ::-1].copy() if flip else img
+            sm = predict(model, x, size=round(65 * s))
+            up = sm.upsampled()
+            if up.shape[-2:] != (37, 45):
+                up = F.interpolate(up[None], size=(37, 45), mode="bilinear", align_corners=False)[0]
+            if flip:
+                up = up.flip(-1)
+            probs.append(torch.softmax(up, 0))
+    mean = torch.stack(probs).mean(0)
+    assert torch.allclose(torch.from_numpy(ms.scores).exp(), mean, atol=1e-5)
+    # and it differs from a single pass (the averaging did something)
+    assert not torch.allclose(torch.softmax(single.upsampled(), 0), mean, atol=1e-3)

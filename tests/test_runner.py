@@ -1,0 +1,144 @@
+"""The main job end to end: `deeplab run` on the shipped sample, resume, redo, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeplab_v1.cli import main
+from deeplab_v1.config import load_config
+from deeplab_v1.runner import Runner
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "experiments" / "default.yaml"
+
+QUICK = [
+    "train.iterations=2", "train.batch_size=1", "train.checkpoint_every=1",
+    "data.max_test_images=3",
+    "crf_search.w1=[4]", "crf_search.sigma_alpha=[50]", "crf_search.sigma_beta=[3, 5]", "crf_search.rounds=0",
+    "crf.workers=2", "crf_search.workers=1",
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(DEFAULT, QUICK + [f"output_dir={out}"])
+    runner = Runner(cfg, progress=False)
+    metrics = runner.run()
+    return runner, metrics
+
+
+def test_run_writes_every_output(quick_run):
+    runner, metrics = quick_run
+    d = runner.dir
+    for f in ("config.yaml", "run.log", "checkpoints/final.pth", "checkpoints/iter_2.pth", "metrics.json",
+              "trimap.json", "trimap.png", "report.md", "crf_search/best.json", "crf_search/ranked.md",
+              "crf_search/heatmap.png", "crf_search/results.jsonl"):
+        assert (d / f).is_file(), f
+    ids = [s.id for s in runner.test_samples()]
+    assert len(ids) == 3
+    for i in ids:
+        assert (d / "scores" / f"{i}.npz").is_file()
+        for kind in ("dcnn", "crf"):
+            png = Image.open(d / "predictions" / kind / f"{i}.png")
+            assert png.mode == "P"  # VOC palette
+    m = json.loads((d / "metrics.json").read_text())
+    for k in ("dcnn", "crf"):
+        assert 0.0 <= m[k]["miou"] <= 1.0 and len(m[k]["per_class_iou"]) == 21
+        assert set(m[k]) >= {"miou", "pixel_accuracy", "per_class_iou"}
+    assert metrics["dcnn"]["miou"] == m["dcnn"]["miou"]
+    t = json.loads((d / "trimap.json").read_text())
+    assert t["dcnn"]["widths"] == runner.cfg.evaluation.trimap_widths
+    report = (d / "report.md").read_text()
+    assert "random weights" in report and "DCNN-CRF" in report and "Trimap" in report
+    # the crf stage used the search's best parameters
+    crf_rec = json.loads((d / "stages" / "crf.json").read_text())
+    best = json.loads((d / "crf_search" / "best.json").read_text())
+    assert crf_rec["params_from"] == "crf_search best"
+    assert crf_rec["params"]["sigma_beta"] == best.get("params", best)["sigma_beta"]
+
+
+def test_rerun_skips_and_redo_reruns(quick_run):
+    runner, _ = quick_run
+    d = runner.dir
+    before = {p.name: p.stat().st_mtime_ns for p in (d / "stages").iterdir()}
+    Runner(runner.cfg, progress=False).run()
+    after = {p.name: p.stat().st_mtime_ns for p in (d / "stages").iterdir()}
+    assert before == after
+    Runner(runner.cfg, progress=False, redo=["crf"]).run()
+    again = {p.name: p.stat().st_mtime_ns for p in (d / "stages").iterdir()}
+    assert again["train.json"] == before["train.json"] and again["test.json"] == before["test.json"]
+    assert again["crf.json"] != before["crf.json"] and again["evaluate.json"] != before["evaluate.json"]
+
+
+def test_training_resumes_exactly(tmp_path):
+    """A run killed after 2 of 4 iterations resumes from its checkpoint and ends with the same weights as
+    an uninterrupted run (same data order, crops and dropout)."""
+    common = ["train.iterations=4", "train.batch_size=1", "train.crop_size=161", "train.checkpoint_every=2",
+              "stages=[train]", "model.name=deeplab-largefov"]
+    full = Runner(load_config(DEFAULT, common + [f"output_dir={tmp_path / 'full'}"]), progress=False)
+    full.run()
+    part_cfg = load_config(DEFAULT, common + [f"output_dir={tmp_path / 'part'}"])
+    part = Runner(part_cfg, progress=False)
+    part.run()
+    # simulate the kill: keep only the iteration-2 checkpoint
+    for f in ("iter_4.pth", "final.pth"):
+        (tmp_path / "part" / "checkpoints" / f).unlink()
+    (tmp_path / "part" / "stages" / "train.json").unlink()
+    Runner(part_cfg, progress=False).run()
+    a = torch.load(tmp_path / "full" / "checkpoints" / "final.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "part" / "checkpoints" / "final.pth", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "resuming from iter_2.pth" in (tmp_path / "part" / "run.log").read_text()
+    init = load_config(DEFAULT, common + [f"output_dir={tmp_path / 'x'}"])
+    model, _ = Runner(init, progress=False)._init_model()
+    assert not torch.equal(model.state_dict()["fc8.weight"], a["fc8.weight"])  # it did train
+
+
+def test_cli_help_for_every_command(capsys):
+    for cmd in (["--help"], ["run", "--help"], ["train", "--help"], ["test", "--help"], ["crf", "--help"],
+                ["crf-search", "--help"], ["evaluate", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd)
+        assert e.value.code == 0
+    assert "--set" in capsys.readouterr().out
+
+
+def test_cli_bad_config_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: deeplab-largefov}\ntrain: {iteratons: 3}\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "train.iteratons" in err and "bad.yaml" in err
+    assert main(["run", str(DEFAULT), "--set", "data.root=nowhere"]) == 2
+    assert "data.root" in capsys.readouterr().err
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "deeplab_v1.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "crf-search" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["deeplabv3-resnet50", "deeplabv3-resnet101", "deeplabv3-cascade-resnet101",
+                                  "deeplabv3plus-resnet101", "deeplabv3plus-xception65"])
+def test_v3_models_train_and_evaluate_through_the_runner(name, tmp_path):
+    """Each v3/v3+ model runs through the same stages with the v3 protocol options (a tiny schedule)."""
+    cfg = load_config(DEFAULT, [
+        f"output_dir={tmp_path}", f"model.name={name}", "stages=[train, test, evaluate]", "crf.enabled=false",
+        "train.iterations=1", "train.batch_size=2", "train.crop_size=97", "train.label_mode=upsample",
+        "train.lr_policy=poly", "train.base_lr=0.007", "train.classifier_lr_mult=1", "train.scale_range=[0.5, 2.0]",
+        "train.output_stride=16", "test.output_stride=8", "data.max_test_images=1",
+    ])
+    metrics = Runner(cfg, progress=False).run()
+    assert set(metrics) >= {"dcnn"} and "crf" not in metrics
+    sm = np.load(tmp_path / "scores" / f"{Runner(cfg, progress=False).test_samples()[0].id}.npz")
+    assert int(sm["stride"]) == (4 if "plus" in name else 8)  # evaluated at output_stride 8 (v3+: decoder, 4)
