@@ -108,6 +108,8 @@ class SearchConfig:
         workers: worker processes per rank; ``None`` -> CPU cores / local ranks; 1 -> in-process.
         cache_mb: per-process memory for cached samples in MiB; ``None`` -> half the physical memory
             divided among the worker processes of the machine.
+        label: a note on where the probabilities come from, written into ``ranked.md``, the heatmap title
+            and ``best.json`` (e.g. that they are DIAGNOSTIC scores rather than a network's).
 
     Raises:
         ValueError: an empty or non-numeric list, a negative weight, a non-positive sigma, ``rounds`` < 0,
@@ -128,6 +130,7 @@ class SearchConfig:
     backend: str = "pydensecrf"
     device: str = "cpu"
     workers: int | None = None
+    label: str = ""
     cache_mb: float | None = None
 
     def __post_init__(self) -> None:
@@ -673,12 +676,13 @@ def _rows(records: dict[tuple, dict], round_of: dict[tuple, int]) -> list[dict]:
     return rows
 
 
-def _ranked_md(rows: list[dict], key: dict, images: int, callable_objective: bool) -> str:
+def _ranked_md(rows: list[dict], key: dict, images: int, callable_objective: bool, label: str = "") -> str:
     obj_head = "objective" if callable_objective else f"objective ({key['objective_name']}, %)"
     fixed = key["fixed"]
     lines = [
         "# CRF parameter search (DeepLab v1 Sec. 5), best first",
         "",
+        *([f"- scores: **{label}**"] if label else []),
         f"- images: {images} (subset {key['subset_hash']})",
         f"- objective: {key['objective_name']}; backend: {key['backend']}",
         f"- fixed: w2 = {fixed['w2']:g}, sigma_gamma = {fixed['sigma_gamma']:g} pixels, "
@@ -825,12 +829,15 @@ def run_search(sample_files: Sequence[str | os.PathLike], out_dir: str | os.Path
                           computed=evaluator.computed, seconds=seconds, out_dir=out_dir)
     if dist.rank == 0:
         title = config.objective_name + ("" if callable(config.objective) else " (%)")
-        _atomic_write_bytes(out_dir / "ranked.md", _ranked_md(rows, key, len(files), callable(config.objective)).encode())
+        if config.label:
+            title = f"{title} [{config.label}]"
+        _atomic_write_bytes(out_dir / "ranked.md",
+                            _ranked_md(rows, key, len(files), callable(config.objective), config.label).encode())
         _atomic_write_bytes(out_dir / "heatmap.png", _heatmap_png(config, records, best, title))
         best_json = {**best.to_dict(), "objective": best_rec.get("objective"), "objective_name": key["objective_name"],
                      "miou": best_rec.get("miou"), "pixel_accuracy": best_rec.get("pixel_accuracy"),
                      "subset_hash": subset, "images": len(files), "configurations": len(rows),
-                     "backend": config.backend}
+                     "backend": config.backend, **({"scores": config.label} if config.label else {})}
         _atomic_write_bytes(out_dir / "best.json", (json.dumps(best_json, indent=2) + "\n").encode())
         if progress:
             from tqdm import tqdm

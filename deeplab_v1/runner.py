@@ -413,7 +413,7 @@ class Runner:
         metrics["score_source"] = self.cfg.test.score_source
         atomic_write_json(self.dir / "metrics.json", metrics)
         trimap = {k: tri[k].result() for k in methods}
-        atomic_write_json(self.dir / "trimap.json", trimap)
+        atomic_write_json(self.dir / "trimap.json", {**trimap, "score_source": self.cfg.test.score_source})
         labels = {"dcnn": "DCNN", "crf": "DCNN-CRF"}
         diag = " (diagnostic degraded-GT scores)" if self.cfg.test.score_source != "network" else ""
         plot_trimap({labels[k] + diag: v for k, v in trimap.items()}, self.dir / "trimap.png")

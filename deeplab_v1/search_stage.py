@@ -85,6 +85,7 @@ def run_crf_search(runner: "Runner") -> dict:
         w1=list(s.w1), sigma_alpha=list(s.sigma_alpha), sigma_beta=list(s.sigma_beta), w2=s.w2,
         sigma_gamma=s.sigma_gamma, iterations=s.iterations, rounds=s.rounds, shrink=s.shrink,
         objective=s.objective, trimap_width=s.trimap_width, backend=s.backend, device=s.device, workers=s.workers,
+        label="" if cfg.test.score_source == "network" else "DIAGNOSTIC degraded-ground-truth scores, not a network",
     )
     source = "" if cfg.test.score_source == "network" else " on DIAGNOSTIC degraded-GT scores"
     runner.log.info(f"crf_search: {len(ids)} images, objective {s.objective}{source}")
