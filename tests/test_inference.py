@@ -48,6 +48,9 @@ def test_score_cache_round_trip(tmp_path):
     assert back.scores.dtype == np.float16 and (back.stride, back.height, back.width) == (8, 375, 500)
     assert np.allclose(back.scores, sm.scores, atol=1e-2)
     assert back.upsampled().shape == (21, 375, 500)
+    big = ScoreMap(np.full((2, 3, 3), 1e6, np.float32), 8, 17, 17)
+    big.save(tmp_path / "b.npz")
+    assert ScoreMap.load(tmp_path / "b.npz").scores.max() == 1e6  # beyond float16: kept as float32, not inf
 
 
 def test_multiscale_flip_is_mean_of_individual_passes():

@@ -76,10 +76,12 @@ class ScoreMap:
         return upsample_scores(self.scores, self.stride, self.height, self.width)
 
     def save(self, path: Path) -> None:
-        """Write as ``.npz`` (float16 scores) atomically."""
+        """Write as ``.npz`` atomically: float16 scores, or float32 where a score exceeds float16's range
+        (an untrained network can give such scores; they are never silently turned into inf)."""
+        finite16 = float(np.abs(self.scores).max(initial=0.0)) < float(np.finfo(np.float16).max)
         buf = io.BytesIO()
         np.savez_compressed(
-            buf, scores=self.scores.astype(np.float16), stride=self.stride, height=self.height, width=self.width,
+            buf, scores=self.scores.astype(np.float16 if finite16 else np.float32), stride=self.stride, height=self.height, width=self.width,
             source=self.source,
         )
         atomic_write_bytes(Path(path), buf.getvalue())
