@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 from .data.io import VOC_CLASSES
-from .engine.checkpoint import atomic_write_text
+from .atomic import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runner import Runner

@@ -20,7 +20,6 @@ Run folder::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,22 +38,16 @@ from . import config as config_mod
 from .config import STAGES, ExperimentConfig
 from .data.io import read_image, read_label, write_label
 from .data.lists import Sample, load_samples
-from .engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
+from .atomic import atomic_write_json, atomic_write_text
+from .engine.checkpoint import load_checkpoint
 from .engine.inference import ScoreMap, label_from_scores, predict
 from .engine.trainer import TrainSettings, train
 from .models import build_model
+from .weights.convert import file_sha256
 
 
 class StageError(RuntimeError):
     """A stage cannot run (a missing artifact of an earlier stage, say); the message says which."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _crf_worker_init() -> None:
@@ -211,11 +204,11 @@ class Runner:
         if m.init is None:
             return model, "random weights (no init given)"
         if hasattr(model, "backbone"):  # DeepLab v3/v3+: our checkpoint, or an ImageNet ResNet backbone
-            return model, f"{m.init.name} (sha256 {_sha256(m.init)[:12]}): {self._init_v3(model, m.init)}"
+            return model, f"{m.init.name} (sha256 {file_sha256(m.init)[:12]}): {self._init_v3(model, m.init)}"
         from .weights.convert import load_init
 
         report = load_init(model, m.name, m.init, num_classes=m.num_classes)
-        return model, f"{m.init.name} (sha256 {_sha256(m.init)[:12]}): {report}"
+        return model, f"{m.init.name} (sha256 {file_sha256(m.init)[:12]}): {report}"
 
     def _init_v3(self, model: torch.nn.Module, path: Path) -> str:
         """Initialise a v3/v3+ model from our checkpoint (whole model) or an ImageNet ResNet checkpoint in the

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .data.io import read_image, read_label
-from .engine.checkpoint import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text
 from .engine.inference import ScoreMap
 from .evaluation.trimap import trimap_band
 

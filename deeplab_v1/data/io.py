@@ -13,12 +13,13 @@ The SBD-augmented ``SegmentationClassAug`` PNGs are 8-bit grayscale with the sam
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from ..atomic import atomic_file
 
 __all__ = ["DataError", "VOC_CLASSES", "IGNORE_LABEL", "voc_palette", "read_image", "read_label",
            "write_label", "check_label_values"]
@@ -161,17 +162,8 @@ def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
             raise ValueError(f"{path}: label values must be within 0..255, got {label.min()}..{label.max()}")
         label = label.astype(np.uint8)
     image = _palette_image(label)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a label map is an ordinary shareable file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
 
 
 def _palette_image(label: np.ndarray) -> Image.Image:

@@ -9,7 +9,6 @@ MATLAB files ``dataset/cls/<id>.mat``, each holding a struct ``GTcls`` whose fie
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
+from ..atomic import atomic_file
 from .io import DataError, check_label_values
 
 __all__ = ["read_sbd_mat", "write_gray_label", "convert_sbd", "ConversionSummary"]
@@ -67,17 +67,8 @@ def read_sbd_mat(path: str | os.PathLike, num_classes: int = 21) -> np.ndarray:
 def write_gray_label(path: str | os.PathLike, label: np.ndarray) -> None:
     """Write (H, W) uint8 class indices as an 8-bit grayscale PNG (``SegmentationClassAug``), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(f, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(f, format="PNG")
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import MEAN_BGR, image_to_tensor, pad_to
-from .checkpoint import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 
 def upsample_scores(scores: np.ndarray | torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:

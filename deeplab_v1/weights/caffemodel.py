@@ -25,8 +25,6 @@ shape, blob 0 of an InnerProduct layer becomes (height, width), and every other 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -34,6 +32,8 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
+
+from ..atomic import atomic_write_bytes
 
 __all__ = [
     "CaffeModelError",
@@ -421,18 +421,5 @@ def write_caffemodel(
                 bp.shape.dim.extend(int(d) for d in arr.shape)
             if arr.size:  # wire format of a packed repeated float: little-endian float32s
                 bp.data.append(arr.tobytes())
-    data = net.SerializeToString()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, net.SerializeToString())
     return path

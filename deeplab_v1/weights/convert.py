@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -43,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_file
 from .caffemodel import CaffeLayer, CaffeModelError, CaffeNet, read_caffemodel, write_caffemodel
 
 __all__ = [
@@ -602,7 +601,8 @@ def _load_init(
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -610,24 +610,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _save_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def convert_weights(
@@ -683,7 +668,7 @@ def _convert(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "source": src.name,
-        "sha256": _sha256(src),
+        "sha256": file_sha256(src),
         "converter_version": CONVERTER_VERSION,
         "seed": seed,
         "report": report.to_dict(),
