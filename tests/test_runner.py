@@ -142,3 +142,33 @@ def test_v3_models_train_and_evaluate_through_the_runner(name, tmp_path):
     assert set(metrics) >= {"dcnn"} and "crf" not in metrics
     sm = np.load(tmp_path / "scores" / f"{Runner(cfg, progress=False).test_samples()[0].id}.npz")
     assert int(sm["stride"]) == (4 if "plus" in name else 8)  # evaluated at output_stride 8 (v3+: decoder, 4)
+
+
+def test_experiment_runs_from_a_converted_init(tmp_path):
+    """`init:` takes a release-style .caffemodel or the checkpoint `deeplab convert` makes of it; both give
+    the same scores, which come from those weights (not the random initialisation)."""
+    from deeplab_v1.models import build_model
+    from deeplab_v1.weights.convert import export_caffemodel
+
+    torch.manual_seed(123)
+    model = build_model("deeplab-largefov")
+    export_caffemodel(model, tmp_path / "train_iter_6000.caffemodel", format="V1")
+    assert main(["convert", str(tmp_path / "train_iter_6000.caffemodel"), str(tmp_path / "largefov.pth"),
+                 "--model", "deeplab-largefov"]) == 0
+    scores = {}
+    for init in ("train_iter_6000.caffemodel", "largefov.pth"):
+        out = tmp_path / f"run-{init}"
+        cfg = load_config(DEFAULT, [f"output_dir={out}", f"model.init={tmp_path / init}", "stages=[train, test]",
+                                    "train.iterations=0", "data.max_test_images=1", "crf.enabled=false"])
+        runner = Runner(cfg, progress=False)
+        runner.run()
+        sample = runner.test_samples()[0]
+        scores[init] = np.load(out / "scores" / f"{sample.id}.npz")["scores"]
+        assert init in json.loads((out / "stages" / "train.json").read_text())["init"]
+    assert np.array_equal(scores["train_iter_6000.caffemodel"], scores["largefov.pth"])
+    from deeplab_v1.data.io import read_image
+    from deeplab_v1.engine.inference import predict
+
+    with torch.no_grad():
+        direct = predict(model.eval(), read_image(sample.image), size=513)
+    assert np.allclose(scores["largefov.pth"].astype(np.float32), direct.scores, atol=2e-2 * np.abs(direct.scores).max())
