@@ -54,7 +54,11 @@ def write_report(runner: "Runner", metrics: dict, trimap: dict) -> str:
     search = d / "crf_search" / "best.json"
     if search.is_file():
         best = json.loads(search.read_text())
-        lines.append(f"- CRF search: best {best.get('params', best)} (objective {best.get('objective')}); see crf_search/ranked.md")
+        params = {k: best[k] for k in ("w1", "sigma_alpha", "sigma_beta", "w2", "sigma_gamma", "iterations") if k in best}
+        objective = best.get("objective")
+        shown = "n/a" if objective is None else f"{100 * objective:.2f} %"
+        lines.append(f"- CRF search: best {params}, {best.get('objective_name')} {shown} on {best.get('images')} "
+                     f"images, {best.get('configurations')} configurations; see crf_search/ranked.md")
     lines += ["", "## Accuracy (VOC protocol: one confusion matrix over the split, 255 ignored)", "",
               "| method | mIoU % | pixel acc. % | mean acc. % |", "|---|---|---|---|"]
     names = {"dcnn": "DCNN", "crf": "DCNN-CRF"}
