@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from crf.search import SearchConfig
 
 
 class ConfigError(ValueError):
@@ -147,9 +148,10 @@ class CRFSearchConfig:
     enabled: bool = False
     num_images: int = 100
     seed: int = 0
-    w1: list[float] = field(default_factory=lambda: [5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
-    sigma_alpha: list[float] = field(default_factory=lambda: [50.0, 60.0, 70.0, 80.0, 90.0, 100.0])
-    sigma_beta: list[float] = field(default_factory=lambda: [3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    # the paper's coarse grid, as crf.search defines it
+    w1: list[float] = field(default_factory=lambda: list(SearchConfig().w1))
+    sigma_alpha: list[float] = field(default_factory=lambda: list(SearchConfig().sigma_alpha))
+    sigma_beta: list[float] = field(default_factory=lambda: list(SearchConfig().sigma_beta))
     w2: float = 3.0
     sigma_gamma: float = 3.0
     iterations: int = 10
