@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -40,11 +40,14 @@ class CRFTask:
     """One CRF job: read ``sample`` (``.npz``, keys ``image`` and ``probs``), write ``out``.
 
     ``out`` ending in ``.png`` gets the argmax label map as an 8-bit single-channel PNG; ending in
-    ``.npy`` an (H, W) uint8 array. Paths are strings or ``Path``; the task is picklable.
+    ``.npy`` an (H, W) uint8 array. Paths are strings or ``Path``; the task is picklable. ``image`` is
+    for callers whose own ``load`` hook (see :func:`run_crf_many`) reads the image from a file of its
+    own, ``sample`` then naming whatever holds their scores.
     """
 
     sample: str | os.PathLike
     out: str | os.PathLike
+    image: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         suffix = Path(self.out).suffix.lower()
@@ -147,16 +150,29 @@ def write_label_atomic(path: str | os.PathLike, label: np.ndarray) -> None:
     _atomic_write_bytes(path, buf.getvalue())
 
 
-def _run_task(task: CRFTask, params: CRFParams, backend: str, device: str) -> float:
+#: ``load(task) -> (image (H, W, 3) uint8 RGB, probs (C, H, W) float)``: a module-level function, so that
+#: spawned workers can unpickle it.
+LoadFn = Callable[[CRFTask], "tuple[np.ndarray, np.ndarray]"]
+#: ``write(path, label (H, W) uint8)``: writes the result atomically.
+WriteFn = Callable[[Path, np.ndarray], None]
+
+
+def _load_npz(task: CRFTask) -> tuple[np.ndarray, np.ndarray]:
+    arrays = load_sample(task.sample)
+    return arrays["image"], arrays["probs"]
+
+
+def _run_task(task: CRFTask, params: CRFParams, backend: str, device: str,
+              load: Optional[LoadFn] = None, write: Optional[WriteFn] = None) -> float:
     """Run one task in the current process; returns the CRF's seconds."""
     try:
-        arrays = load_sample(task.sample)
+        image, probs = (load or _load_npz)(task)
         t0 = time.perf_counter()
-        q = dense_crf(arrays["image"], arrays["probs"], params, backend=backend, device=device)
+        q = dense_crf(image, probs, params, backend=backend, device=device)
         seconds = time.perf_counter() - t0
         if q.shape[0] > 256:
             raise ValueError(f"{q.shape[0]} classes do not fit a uint8 label map")
-        write_label_atomic(task.out, q.argmax(axis=0))
+        (write or write_label_atomic)(Path(task.out), q.argmax(axis=0).astype(np.uint8))
         return seconds
     except Exception as exc:
         raise RuntimeError(f"CRF task {task.sample} -> {task.out} failed: {exc}") from exc
@@ -190,7 +206,8 @@ def make_executor(workers: int, backend: str) -> ProcessPoolExecutor:
 
 
 def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | None = None,
-                 backend: str = "pydensecrf", device: str = "cpu", progress: bool = True) -> CRFRunSummary:
+                 backend: str = "pydensecrf", device: str = "cpu", progress: bool = True,
+                 load: Optional[LoadFn] = None, write: Optional[WriteFn] = None) -> CRFRunSummary:
     """Run the CRF on every task, in parallel over images, skipping tasks whose output exists.
 
     Args:
@@ -199,6 +216,9 @@ def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | 
         workers: worker processes (``spawn``); ``None`` -> ``os.cpu_count()``; ``1`` runs in this process.
         backend, device: as for :func:`crf.dense.dense_crf`.
         progress: show a tqdm bar and print the summary line.
+        load: reads a task's inputs (default: the ``.npz`` sample file); ``write``: writes its label map
+            (default: :func:`write_label_atomic`). Both must be module-level functions (they are pickled to
+            the workers); callers with their own file formats (cached scores, palette PNGs) pass them.
 
     Returns:
         A :class:`CRFRunSummary` (done, skipped, wall seconds, summed CRF seconds).
@@ -226,11 +246,11 @@ def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | 
     try:
         if workers == 1 or len(todo) <= 1:
             for t in todo:
-                crf_seconds += _run_task(t, params, backend, device)
+                crf_seconds += _run_task(t, params, backend, device, load, write)
                 bar.update()
         else:
             with make_executor(min(workers, len(todo)), backend) as ex:
-                futures = [ex.submit(_run_task, t, params, backend, device) for t in todo]
+                futures = [ex.submit(_run_task, t, params, backend, device, load, write) for t in todo]
                 try:
                     for fut in as_completed(futures):
                         crf_seconds += fut.result()

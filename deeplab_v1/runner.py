@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -35,6 +33,9 @@ import yaml
 from tqdm import tqdm
 
 from . import config as config_mod
+from crf import CRFParams
+from crf.parallel import CRFTask, run_crf_many
+
 from .config import STAGES, ExperimentConfig
 from .data.io import read_image, read_label, write_label
 from .data.lists import Sample, load_samples
@@ -50,21 +51,12 @@ class StageError(RuntimeError):
     """A stage cannot run (a missing artifact of an earlier stage, say); the message says which."""
 
 
-def _crf_worker_init() -> None:
-    torch.set_num_threads(1)
-
-
-def _crf_one(task: tuple[str, str, str, dict, str, str, str]) -> tuple[str, float]:
-    """Worker: image + cached scores -> CRF -> VOC-palette PNG. Returns (id, seconds)."""
-    from crf import CRFParams, dense_crf
-
-    sample_id, image_path, scores_path, params, out_path, backend, device = task
-    t0 = time.perf_counter()
-    image = read_image(image_path)[:, :, ::-1].copy()  # BGR -> RGB for the bilateral kernel
-    probs = torch.softmax(ScoreMap.load(Path(scores_path)).upsampled(), 0).numpy()
-    q = dense_crf(image, probs, CRFParams(**params), backend=backend, device=device)
-    write_label(Path(out_path), q.argmax(0).astype(np.uint8))
-    return sample_id, time.perf_counter() - t0
+def _crf_inputs(task: "CRFTask") -> tuple[np.ndarray, np.ndarray]:
+    """CRF worker input: the image (BGR file -> RGB for the bilateral kernel) and the softmax of the cached
+    scores upsampled as Caffe's INTERP does."""
+    image = read_image(task.image)[:, :, ::-1].copy()
+    probs = torch.softmax(ScoreMap.load(Path(task.sample)).upsampled(), 0).numpy()
+    return image, probs
 
 
 class Runner:
@@ -348,29 +340,14 @@ class Runner:
             cache = self.dir / "scores" / f"{s.id}.npz"
             if not cache.is_file():
                 raise StageError(f"crf: no cached scores for {s.id} ({cache}); run the test stage first")
-            out = out_dir / f"{s.id}.png"
-            if not out.is_file():
-                tasks.append((s.id, str(s.image), str(cache), params, str(out), self.cfg.crf.backend, self.cfg.crf.device))
-        workers = self.cfg.crf.workers or os.cpu_count() or 1
-        self.log.info(f"crf: {len(tasks)} images ({len(samples) - len(tasks)} done), params {params} from {origin}, {workers} workers")
-        t0 = time.perf_counter()
-        secs = []
-        bar = tqdm(total=len(tasks), desc="crf", disable=not self.progress, dynamic_ncols=True)
-        if workers == 1 or len(tasks) <= 1:
-            for task in tasks:
-                secs.append(_crf_one(task)[1])
-                bar.update()
-        else:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_crf_worker_init) as ex:
-                for _, sec in ex.map(_crf_one, tasks, chunksize=1):
-                    secs.append(sec)
-                    bar.update()
-        bar.close()
-        wall = time.perf_counter() - t0
-        mean = float(np.mean(secs)) if secs else 0.0
-        self.log.info(f"crf: {len(tasks)} images in {wall:.1f} s ({mean:.2f} s per image per worker)")
+            tasks.append(CRFTask(sample=str(cache), out=str(out_dir / f"{s.id}.png"), image=str(s.image)))
+        self.log.info(f"crf: {len(tasks)} images, params {params} from {origin}, backend {self.cfg.crf.backend}")
+        summary = run_crf_many(
+            tasks, CRFParams(**params), workers=self.cfg.crf.workers, backend=self.cfg.crf.backend,
+            device=self.cfg.crf.device, progress=self.progress, load=_crf_inputs, write=write_label,
+        )
+        mean = summary.crf_seconds / summary.done if summary.done else 0.0
+        self.log.info(summary.line())
         return {"params": params, "params_from": origin, "images": len(samples), "seconds_per_image": mean}
 
     def stage_crf_search(self) -> dict:
