@@ -49,6 +49,16 @@ def batch_norm(channels: int, bn_momentum: float = BN_MOMENTUM) -> nn.BatchNorm2
     return nn.BatchNorm2d(channels, momentum=bn_momentum)
 
 
+def init_conv_bn(module: nn.Module) -> None:
+    """Initialise layers trained from scratch: convolutions He-normal (fan_out, ReLU), BN gamma 1, beta 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class AtrousSeparableConv2d(nn.Module):
     """Atrous separable convolution: depthwise 3x3 (stride, dilation) -> BN -> ReLU -> pointwise 1x1 -> BN
     [-> ReLU].

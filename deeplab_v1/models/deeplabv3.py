@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .aspp import ASPP, BN_MOMENTUM, aspp_rates
+from .aspp import ASPP, BN_MOMENTUM, aspp_rates, init_conv_bn
 from .decoder import Decoder
 from .resnet import ResNetBackbone
 from .xception import XceptionBackbone
@@ -116,12 +116,7 @@ def freeze_batchnorm(model: nn.Module, flag: bool = True) -> int:
 
 
 def _init_head(module: nn.Module, classifier: nn.Conv2d) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    init_conv_bn(module)
     # The classifier is initialised as the release's new layers: Gaussian std 0.01, zero bias.
     nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aspp import BN_MOMENTUM, batch_norm
+from .aspp import BN_MOMENTUM, batch_norm, init_conv_bn
 
 #: Units per layer (layer1..layer4) of the bottleneck ResNets.
 RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
@@ -157,16 +157,7 @@ class ResNetBackbone(nn.Module):
         self.low_level_channels = 256
         self.output_stride = 0
         self.set_output_stride(output_stride)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # New layers (training from scratch, the cascaded blocks): He init; BN gamma 1, beta 0.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)  # new layers (training from scratch, the cascaded blocks)
 
     def layers(self) -> list[nn.Sequential]:
         """layer1 ... layer4 (and the cascaded layer5 ... layer7) in order."""

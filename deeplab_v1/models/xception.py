@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .aspp import BN_MOMENTUM, AtrousSeparableConv2d, batch_norm
+from .aspp import BN_MOMENTUM, AtrousSeparableConv2d, batch_norm, init_conv_bn
 
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
 MIDDLE_FLOW_BLOCKS = 16
@@ -132,9 +132,7 @@ class XceptionBackbone(nn.Module):
         self.low_level_channels = 256
         self.output_stride = 0
         self.set_output_stride(output_stride)
-        for mod in self.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        init_conv_bn(self)
 
     def blocks(self) -> list[XceptionBlock]:
         """All Xception blocks in order (entry 3, middle 16, exit 2)."""
