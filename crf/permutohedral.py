@@ -23,17 +23,21 @@ direction ``j = 0..d`` in order: ``v <- v + 0.5 (v[n1] + v[n2])``, a missing nei
 and *slice* (barycentric-weighted gather), scaled by densecrf's constant ``alpha = 1 / (1 + 2^-d)``.
 The result approximates ``out_i = sum_j exp(-|f_i - f_j|^2 / 2) in_j`` (the sum includes ``j = i``).
 
-Splat and slice are stored as sparse CSR matrices (supported on CPU and CUDA) built once per lattice, so filtering many channels at once (several labels, several CRF
-configurations) costs one sparse product and ``d + 1`` gathers per step.
+All three steps are weighted sums over small bags of rows, which is what ``F.embedding_bag`` (mode
+``sum`` with per-sample weights) computes: splat bags the vertices that fall on each lattice point, each
+blur direction bags ``(self, n1, n2)`` with weights ``(1, 0.5, 0.5)``, slice bags the ``d + 1`` vertices of
+each point. Its kernels (FBGEMM on CPU, CUDA kernels on the GPU) read whole contiguous rows of channels,
+so filtering many channels at once (labels x CRF configurations) is one pass per step. The bags are
+built once per lattice.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["PermutohedralLattice", "gaussian_features", "bilateral_features"]
 
@@ -200,7 +204,7 @@ class PermutohedralLattice:
             )
             codes = codes + seg[:, None] * strides[-1]
         # One stable sort of the vertex codes gives the unique lattice points, each vertex's lattice
-        # index, and the splat matrix in CSR order (rows = lattice points, grouped vertices).
+        # index, and the splat bags (vertices grouped by lattice point).
         flat = codes.reshape(-1)
         sorted_codes, order = torch.sort(flat, stable=True)
         first = torch.ones_like(sorted_codes, dtype=torch.bool)
@@ -213,12 +217,11 @@ class PermutohedralLattice:
         self.num_lattice = m
         self.offsets = inverse.view(n, d + 1)
         starts = torch.nonzero(first, as_tuple=False).reshape(-1)
-        self._splat_crow = torch.cat([starts, torch.tensor([flat.numel()], device=device)])
-        self._splat_col = torch.div(order, d + 1, rounding_mode="floor")
+        # Splat as bags (one per lattice point) of the pixels' vertices, in sorted order; slice as
+        # fixed-size bags (one per point) of its d + 1 vertices. Both run as F.embedding_bag.
+        self._splat_index = torch.div(order, d + 1, rounding_mode="floor")
+        self._splat_bags = torch.nonzero(first, as_tuple=False).reshape(-1)
         self._splat_order = order
-        self._slice_crow = torch.arange(0, n * (d + 1) + 1, d + 1, device=device)
-        self._slice_col = self.offsets.reshape(-1)
-
         # Blur neighbours along direction j: n1 = key - 1 except n1[j] = key[j] + d (for j = d all
         # d stored coordinates move by -1), n2 the opposite; absent neighbours point at row M.
         neighbours = torch.empty(d + 1, 2, m, dtype=torch.int64, device=device)
@@ -232,29 +235,69 @@ class PermutohedralLattice:
                 found = unique[pos] == target
                 neighbours[j, side] = torch.where(found, pos, torch.full_like(pos, m))
         self.neighbours = neighbours
-        self._cached_ops: tuple | None = None
-
+        # Blur as bags of three: (self, n1, n2) with weights (1, 0.5, 0.5); an absent neighbour is the
+        # point itself with weight 0, so no zero row has to be appended to the lattice values.
+        own = torch.arange(m, device=device)
+        self._blur_index = torch.where(neighbours == m, own, neighbours)  # (d + 1, 2, M)
+        self._blur_index = torch.cat([own.expand(d + 1, 1, m), self._blur_index], dim=1).permute(0, 2, 1).contiguous()
+        half = (neighbours != m).to(torch.float32) * 0.5
+        self._blur_weight = torch.cat([torch.ones(d + 1, 1, m, device=device), half], dim=1).permute(0, 2, 1).contiguous()
+        self._cached_weights: tuple | None = None
     # ------------------------------------------------------------------ operators
-    def _operators(self, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse CSR splat ``(M, N)`` and slice ``(N, M)`` matrices, with a per-point ``scale`` folded
-        in (densecrf's symmetric normalisation multiplies by it before and after filtering). The
-        index arrays are shared; only the values are recomputed for a new ``scale`` object."""
-        if self._cached_ops is not None and self._cached_ops[0] is scale:
-            return self._cached_ops[1], self._cached_ops[2]
-        n, m = self.num_points, self.num_lattice
-        w = self.weights if scale is None else self.weights * scale.to(torch.float32).view(n, 1)
-        w = w.reshape(-1)
-        with warnings.catch_warnings():
-            # torch flags sparse CSR as "beta"; the products used here are supported on CPU and CUDA.
-            warnings.simplefilter("ignore", UserWarning)
-            splat = torch.sparse_csr_tensor(
-                self._splat_crow, self._splat_col, w[self._splat_order], (m, n), check_invariants=False
+    def vertex_weights(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Barycentric weights with a per-point ``scale`` folded in: float32 ``(N, d + 1)``.
+
+        densecrf's symmetric normalisation multiplies by ``scale`` before splatting and after slicing;
+        folding it into the weights saves two passes over the values. The last result is cached (by
+        the identity of ``scale``), since mean-field inference filters with the same scale every
+        iteration.
+        """
+        if self._cached_weights is not None and self._cached_weights[0] is scale:
+            return self._cached_weights[1]
+        if scale is None:
+            weights = self.weights
+        else:
+            if scale.shape != (self.num_points,):
+                raise ValueError(f"scale must be (N={self.num_points},), got {tuple(scale.shape)}")
+            weights = self.weights * scale.to(torch.float32).view(-1, 1)
+        self._cached_weights = (scale, weights)
+        return weights
+
+    def splat(self, values: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Barycentric-weighted scatter of per-point values onto the lattice.
+
+        Args:
+            values: float32 ``(N, C)``, contiguous, on the lattice's device.
+            scale: optional float32 ``(N,)`` multiplied into the values first.
+
+        Returns:
+            float32 ``(M, C)`` lattice values.
+        """
+        weights = self.vertex_weights(scale).reshape(-1)[self._splat_order]
+        return F.embedding_bag(self._splat_index, values, self._splat_bags, mode="sum", per_sample_weights=weights)
+
+    def blur(self, lattice_values: torch.Tensor) -> torch.Tensor:
+        """densecrf's blur: for each lattice direction ``j = 0..d`` in order,
+        ``v <- v + 0.5 (v[n1] + v[n2])`` (an absent neighbour counts as 0). ``(M, C)`` -> ``(M, C)``."""
+        for j in range(self.dim + 1):
+            lattice_values = F.embedding_bag(
+                self._blur_index[j], lattice_values, mode="sum", per_sample_weights=self._blur_weight[j]
             )
-            slice_ = torch.sparse_csr_tensor(
-                self._slice_crow, self._slice_col, w * self.alpha, (n, m), check_invariants=False
-            )
-        self._cached_ops = (scale, splat, slice_)
-        return splat, slice_
+        return lattice_values
+
+    def slice_index(self) -> torch.Tensor:
+        """int64 ``(N, d + 1)``: the lattice point of each point's simplex vertices (rows of
+        :meth:`blur`'s output); with :meth:`slice_weights`, the bags of :meth:`slice`."""
+        return self.offsets
+
+    def slice_weights(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 ``(N, d + 1)``: barycentric weights times ``scale`` times densecrf's ``alpha``."""
+        return self.vertex_weights(scale) * self.alpha
+
+    def slice(self, lattice_values: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Barycentric-weighted gather back to the points, scaled by ``alpha`` (and ``scale``):
+        ``(M, C)`` -> float32 ``(N, C)``."""
+        return F.embedding_bag(self.offsets, lattice_values, mode="sum", per_sample_weights=self.slice_weights(scale))
 
     def filter(self, values: torch.Tensor, scale: torch.Tensor | None = None, max_channels: int | None = None) -> torch.Tensor:
         """Gaussian-filter per-point values through the lattice.
@@ -264,38 +307,24 @@ class PermutohedralLattice:
             scale: optional float32 ``(N,)``; computes ``scale * K(scale * values)`` (densecrf's
                 NORMALIZE_SYMMETRIC uses ``scale = 1 / sqrt(K 1)``).
             max_channels: filter at most this many channels at a time (bounds memory to about
-                ``(M + N) * max_channels * 16`` bytes); None = all at once.
+                ``(2 M + 2 N) * max_channels * 4`` bytes); None = all at once.
 
         Returns:
             float32 ``(N, C)``: ``alpha * slice(blur(splat(values)))``, approximately
             ``sum_j exp(-|f_i - f_j|^2 / 2) values_j``.
 
         Raises:
-            ValueError: ``values`` is not ``(N, C)`` with the lattice's N.
+            ValueError: ``values`` is not ``(N, C)`` with the lattice's N, or ``scale`` is not ``(N,)``.
         """
         if values.dim() != 2 or values.shape[0] != self.num_points:
             raise ValueError(f"values must be (N={self.num_points}, C), got {tuple(values.shape)}")
         values = values.to(torch.float32)
         c = values.shape[1]
-        if max_channels is None or max_channels >= c:
-            return self._filter(values, scale)
-        chunks = [self._filter(values[:, s : s + max_channels], scale) for s in range(0, c, max(1, int(max_channels)))]
-        return torch.cat(chunks, dim=1)
-
-    def _filter(self, values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        splat, slice_ = self._operators(scale)
-        m = self.num_lattice
-        c = values.shape[1]
-        # Row M stays zero: absent blur neighbours point at it.
-        lat = torch.cat([splat @ values.contiguous(), torch.zeros(1, c, dtype=torch.float32, device=self.device)])
-        new = torch.empty_like(lat)
-        new[m].zero_()
-        g1 = torch.empty(m, c, dtype=torch.float32, device=self.device)
-        g2 = torch.empty_like(g1)
-        for j in range(self.dim + 1):
-            torch.index_select(lat, 0, self.neighbours[j, 0], out=g1)
-            torch.index_select(lat, 0, self.neighbours[j, 1], out=g2)
-            g1.add_(g2)
-            torch.add(lat[:m], g1, alpha=0.5, out=new[:m])
-            lat, new = new, lat
-        return slice_ @ lat[:m]
+        step = c if max_channels is None else max(1, min(int(max_channels), c))
+        if step >= c:
+            return self.slice(self.blur(self.splat(values.contiguous(), scale)), scale)
+        out = torch.empty(self.num_points, c, dtype=torch.float32, device=self.device)
+        for s in range(0, c, step):
+            chunk = values[:, s : s + step].contiguous()
+            out[:, s : s + step] = self.slice(self.blur(self.splat(chunk, scale)), scale)
+        return out

@@ -16,19 +16,28 @@ DeepLab v1 (Chen et al., ICLR 2015, Sec. 4.2; the release's ``run_densecrf.sh``)
   (``PottsCompatibility(w)`` turns a filtered ``Q`` into ``-w K~(Q)``, which is subtracted).
 
 Speed comes from sharing: a lattice is built once per (image, kernel standard deviations) and reused
-for all iterations and for every configuration that shares those standard deviations; the
-configurations' ``Q`` run as extra channels through one filter. Several images run through one
-lattice whose point sets are kept apart (:class:`~crf.permutohedral.PermutohedralLattice` segments).
-Channels are filtered in chunks and configurations in batches so that memory stays bounded.
+for all iterations and for every configuration that shares those standard deviations (the Gaussian
+lattice, which depends only on the image size, is also kept across calls); the configurations' ``Q``
+run as extra channels through one filter, the first iteration's filtering (of ``softmax(-U)``, the same
+for all) is done once, the Potts weights are applied on the lattice (fewer rows than pixels), and
+both kernels are sliced in one gather. Several images run through one lattice whose point sets are
+kept apart (:class:`~crf.permutohedral.PermutohedralLattice` segments). Configurations run in groups
+and channels in chunks so that memory stays bounded. On CPU, glibc is told to reuse freed blocks
+(:func:`reuse_freed_memory`), which removes the page faults that otherwise dominate the time.
 """
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .dense import PROB_EPSILON, check_inputs
 from .params import CRFParams
@@ -81,15 +90,13 @@ class PairwiseTerm:
 
     Args:
         lattice: the kernel's permutohedral lattice over all N points.
-        weights: float32 ``(k,)`` Potts weights (``w1`` or ``w2``), one per configuration in ``members``.
-        members: int64 ``(k,)`` indices of the configurations (along K of :func:`mean_field`) that use
-            this kernel, increasing; None = all K configurations, in order.
+        weights: float32 ``(K,)`` Potts weights (``w1`` or ``w2``), one per configuration of
+            :func:`mean_field`.
         norm: float32 ``(N,)`` normalisation; None = computed with :func:`symmetric_normalization`.
     """
 
     lattice: PermutohedralLattice
     weights: torch.Tensor
-    members: torch.Tensor | None = None
     norm: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -98,16 +105,54 @@ class PairwiseTerm:
         self.weights = torch.as_tensor(self.weights, dtype=torch.float32, device=self.lattice.device).reshape(-1)
 
 
-#: On CPU, sparse products over a few dozen channels at a time stay cache-friendlier than very wide
-#: ones (measured with tools/bench_crf.py on VOC-sized images); on CUDA wider is better.
-CPU_CHANNEL_CAP = 42
+#: On CPU, configurations run through the lattices in groups of about this many channels (labels x
+#: configurations): the lattice values of a group stay cache-sized, which is faster per channel than
+#: wider groups (measured with tools/bench_crf.py on VOC-sized images). On CUDA all configurations
+#: that fit the memory bound run as one group.
+CPU_GROUP_CHANNELS = 128
+
+_MALLOC_TUNED: list[bool] = []
 
 
-def _channel_chunk(lattice: PermutohedralLattice, memory_mb: float) -> int:
-    # filter() holds four (M + 1, c) lattice buffers and about three (N, c) tensors per chunk.
-    per_channel = 4 * (4 * (lattice.num_lattice + 1) + 3 * lattice.num_points)
-    chunk = max(1, int(memory_mb * 2**20 // per_channel))
-    return min(chunk, CPU_CHANNEL_CAP) if lattice.device.type == "cpu" else chunk
+def reuse_freed_memory() -> bool:
+    """Make glibc keep freed large blocks for reuse instead of unmapping them (Linux/glibc only).
+
+    PyTorch's CPU allocator takes every tensor from ``malloc``; glibc serves blocks above its mmap
+    threshold with fresh ``mmap`` pages and unmaps them on ``free``, so every new ``(N, C)`` tensor of a
+    mean-field iteration page-faults anew. That costs more than the arithmetic: on a 2-core machine
+    ``F.embedding_bag`` of a VOC-sized slice took 10 ms with fresh pages and 1.9 ms with reused ones.
+    Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (``mallopt(3)``) keeps the blocks in the heap.
+    The process keeps its peak heap instead of returning it to the system. Called once by the CPU
+    paths of this module; a no-op elsewhere.
+
+    Returns:
+        True when the setting was applied (now or earlier), False where it does not apply.
+    """
+    if _MALLOC_TUNED:
+        return _MALLOC_TUNED[0]
+    applied = False
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL(None)
+            m_trim_threshold, m_mmap_threshold = -1, -3
+            applied = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 31))
+        except (OSError, AttributeError):  # pragma: no cover - a libc without mallopt
+            applied = False
+    _MALLOC_TUNED.append(applied)
+    return applied
+
+
+def _group_size(terms: Sequence[PairwiseTerm], k: int, c: int, n: int, device: torch.device, memory_mb: float) -> tuple[int, int]:
+    """(configurations per group, channels per pass) within ``memory_mb``."""
+    lattice_rows = sum(t.lattice.num_lattice for t in terms)
+    # per channel: about five (N,) float32 columns (Q, energy, softmax, slice output, splat input) and
+    # four lattice-sized ones (splat output, two blur buffers, the concatenated rows)
+    per_channel = 4 * (5 * n + 4 * lattice_rows)
+    budget = max(1, int(memory_mb * 2**20 // per_channel))
+    per_group = max(1, min(k, budget // c))
+    if device.type == "cpu":
+        per_group = min(per_group, max(1, CPU_GROUP_CHANNELS // c))
+    return per_group, min(per_group * c, budget)
 
 
 def mean_field(
@@ -117,23 +162,32 @@ def mean_field(
     *,
     num_configs: int | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
+    labels_only: bool = False,
 ) -> torch.Tensor:
     """Mean-field inference of a fully connected CRF with Potts kernels (densecrf's ``inference``).
 
+    K configurations (or K problems) over the same points are independent; they run in groups whose
+    Q's pass through each lattice as extra channels. In every iteration each kernel's filtered Q is
+    scaled by the configurations' weights on the lattice (fewer rows than points), and the slices of
+    all kernels run as one weighted gather, which gives the pairwise energy directly.
+
     Args:
-        unary: float32 ``(K, C, N)`` unary energies of K configurations (or K problems) with C labels
-            over N points, or ``(1, C, N)`` / ``(C, N)`` shared by all ``num_configs`` configurations
-            (then the first iteration's messages are computed once and only scaled per weight).
-        terms: the pairwise kernels; each lists the configurations it applies to and their weights.
+        unary: float32 ``(K, C, N)`` unary energies of K configurations with C labels over N points,
+            or ``(1, C, N)`` / ``(C, N)`` shared by all ``num_configs`` configurations (then the first
+            iteration's lattice values are computed once and only scaled per configuration).
+        terms: the pairwise kernels, each with one weight per configuration.
         iterations: number of mean-field iterations (10 in DeepLab).
         num_configs: K when ``unary`` is shared; default ``unary.shape[0]``.
-        memory_mb: bound on the filter's working memory; channels are filtered in chunks within it.
+        memory_mb: bound on the working memory; larger problems run fewer configurations per group,
+            and channels in chunks.
+        labels_only: return the labelling (argmax of Q) instead of Q.
 
     Returns:
-        float32 ``(K, C, N)`` marginals Q (softmax over C) on the unary's device.
+        float32 ``(K, C, N)`` marginals Q (softmax over C) on the unary's device, or int64 ``(K, N)``
+        labels with ``labels_only``.
 
     Raises:
-        ValueError: wrong shapes, a term's lattice with another N, members out of range, or
+        ValueError: wrong shapes, a term's lattice with another N or another number of weights, or
             ``iterations`` < 0.
     """
     if unary.dim() == 2:
@@ -147,51 +201,80 @@ def mean_field(
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
     device = unary.device
-    plans = []
+    if device.type == "cpu":
+        reuse_freed_memory()
     for index, term in enumerate(terms):
         if term.lattice.num_points != n:
             raise ValueError(f"terms[{index}]: lattice has N={term.lattice.num_points} points, unary has N={n}")
-        members = term.members
-        if members is None:
-            members_t, full = torch.arange(k, device=device), True
-        else:
-            members_t = torch.as_tensor(members, dtype=torch.int64, device=device).reshape(-1)
-            if members_t.numel() and (int(members_t.min()) < 0 or int(members_t.max()) >= k):
-                raise ValueError(f"terms[{index}]: members must lie in [0, {k}), got {members_t.tolist()}")
-            full = members_t.numel() == k and bool((members_t == torch.arange(k, device=device)).all())
-        if term.weights.numel() != members_t.numel():
-            raise ValueError(
-                f"terms[{index}]: {term.weights.numel()} weights for {members_t.numel()} member configurations"
-            )
-        if members_t.numel() == 0 or not bool((term.weights != 0).any()):
-            continue  # a zero Potts weight adds exactly nothing (densecrf adds -0 * message)
-        plans.append((term, members_t, full, _channel_chunk(term.lattice, memory_mb)))
+        if term.weights.numel() != k:
+            raise ValueError(f"terms[{index}]: {term.weights.numel()} weights for {k} configurations")
+    # a zero Potts weight adds exactly nothing (densecrf adds -0 * message)
+    active = [t for t in terms if bool((t.weights != 0).any())]
 
-    # Points-major layout (N, K, C): the lattice filters rows of K*C contiguous channels.
+    # Points-major layout (N, K, C): the lattices filter rows of (configurations x labels) channels.
     neg_unary = (-unary.to(torch.float32)).permute(2, 0, 1).contiguous()  # (N, k_in, C)
-    q = torch.softmax(neg_unary, dim=2)
-    shared = k_in == 1 and k > 1
-    if iterations == 0:
-        return q.expand(n, k, c).permute(1, 2, 0).contiguous()
-    for it in range(iterations):
-        # densecrf: tmp = -U; for each kernel: tmp -= -w * K~(Q); Q = softmax(tmp).
-        energy = neg_unary.expand(n, k, c).clone()
-        for term, members_t, full, chunk in plans:
-            weights = term.weights.view(1, -1, 1)
-            if it == 0 and shared:
-                # Q0 = softmax(-U) is the same for every configuration: filter it once.
-                message = term.lattice.filter(q[:, 0, :], scale=term.norm, max_channels=chunk).unsqueeze(1)
-            else:
-                q_members = q if full else q.index_select(1, members_t)
-                km = q_members.shape[1]
-                message = term.lattice.filter(q_members.reshape(n, km * c), scale=term.norm, max_channels=chunk)
-                message = message.view(n, km, c)
-            if full:
-                energy.addcmul_(message, weights)
-            else:
-                energy.index_add_(1, members_t, message * weights)
-        q = torch.softmax(energy, dim=2)
-    return q.permute(1, 2, 0).contiguous()
+    shared = k_in == 1
+    out_shape = (k, n) if labels_only else (k, c, n)
+    out = torch.empty(out_shape, dtype=torch.int64 if labels_only else torch.float32, device=device)
+    if iterations == 0 or not active:
+        q = torch.softmax(neg_unary, dim=2)
+        if labels_only:
+            out.copy_(q.argmax(dim=2).T.expand(k, n) if shared else q.argmax(dim=2).T)
+        else:
+            out.copy_(q.permute(1, 2, 0).expand(k, c, n))
+        return out
+
+    # One gather slices every kernel: bags of sum(d_t + 1) rows of the concatenated lattice values,
+    # weighted by barycentric weight x normalisation x alpha.
+    row_offsets, rows = [], 0
+    for t in active:
+        row_offsets.append(rows)
+        rows += t.lattice.num_lattice
+    slice_index = torch.cat([t.lattice.slice_index() + off for t, off in zip(active, row_offsets)], dim=1)
+    slice_weights = torch.cat([t.lattice.slice_weights(t.norm) for t in active], dim=1)
+    per_group, chunk = _group_size(active, k, c, n, device, memory_mb)
+
+    first = None
+    if shared:
+        # Q0 = softmax(-U) is the same for every configuration: filter it once per kernel.
+        q0 = torch.softmax(neg_unary[:, 0], dim=1)
+        first = [t.lattice.blur(t.lattice.splat(q0, t.norm)) for t in active]
+
+    for g0 in range(0, k, per_group):
+        kg = min(per_group, k - g0)
+        width = kg * c
+        # per-channel weights of this group: configuration j's weight on its C channels
+        channel_w = [t.weights[g0 : g0 + kg].repeat_interleave(c) for t in active]
+        nu = neg_unary if shared else neg_unary[:, g0 : g0 + kg].contiguous()
+        q: torch.Tensor | None = None
+        for it in range(iterations):
+            energy = torch.empty(n, width, dtype=torch.float32, device=device) if chunk < width else None
+            for s in range(0, width, chunk):
+                e = min(width, s + chunk)
+                lats = []
+                for ti, t in enumerate(active):
+                    if q is None and first is not None:
+                        lat = first[ti].repeat(1, kg)[:, s:e]
+                    else:
+                        if q is None:
+                            q = torch.softmax(nu, dim=2)
+                        values = q.view(n, width)[:, s:e]
+                        lat = t.lattice.blur(t.lattice.splat(values.contiguous(), t.norm))
+                    lats.append(lat * channel_w[ti][s:e])
+                rows_all = torch.cat(lats) if len(lats) > 1 else lats[0]
+                part = F.embedding_bag(slice_index, rows_all, mode="sum", per_sample_weights=slice_weights)
+                if energy is None:
+                    energy = part
+                else:
+                    energy[:, s:e] = part
+            energy = energy.view(n, kg, c)
+            energy.add_(nu)
+            q = torch.softmax(energy, dim=2)
+        if labels_only:
+            out[g0 : g0 + kg] = q.argmax(dim=2).T
+        else:
+            out[g0 : g0 + kg] = q.permute(1, 2, 0)
+    return out
 
 
 # ---------------------------------------------------------------------- numpy entry points
@@ -212,50 +295,68 @@ def _check_params(params: object, name: str = "params") -> CRFParams:
     return params
 
 
+#: Gaussian (smoothness) lattices depend only on the image size and sigma_gamma, not on the image:
+#: the last few are kept (with their normalisation) for the calls that follow, e.g. the grid search's
+#: groups of one image, or images of one size.
+_GAUSSIAN_CACHE: "OrderedDict[tuple, PairwiseTerm]" = OrderedDict()
+_GAUSSIAN_CACHE_SIZE = 4
+
+
+def _gaussian_term(sizes: list[tuple[int, int]], sigma_gamma: float, device: torch.device) -> PairwiseTerm:
+    key = (tuple(sizes), float(sigma_gamma), str(device))
+    term = _GAUSSIAN_CACHE.get(key)
+    if term is None:
+        features = torch.cat([gaussian_features(h, w, sigma_gamma, device) for h, w in sizes], dim=0)
+        segments = [h * w for h, w in sizes] if len(sizes) > 1 else None
+        term = PairwiseTerm(PermutohedralLattice(features, segments=segments), torch.zeros(0))
+        _GAUSSIAN_CACHE[key] = term
+        while len(_GAUSSIAN_CACHE) > _GAUSSIAN_CACHE_SIZE:
+            _GAUSSIAN_CACHE.popitem(last=False)
+    else:
+        _GAUSSIAN_CACHE.move_to_end(key)
+    return term
+
+
 def _run_configs(
     images: Sequence[torch.Tensor],
     unary: torch.Tensor,
     params_list: Sequence[CRFParams],
     memory_mb: float,
+    labels_only: bool = False,
 ) -> torch.Tensor:
     """Core: images (each (H_b, W_b, 3) uint8 on the device), unary (1, C, sum N_b) shared by the
-    configurations, K configurations -> Q (K, C, sum N_b). Lattices are built once per distinct
-    sigma_gamma / (sigma_alpha, sigma_beta) and dropped when no later configuration needs them."""
+    configurations, K configurations -> Q (K, C, sum N_b), or labels (K, sum N_b) with ``labels_only``.
+    Lattices are built once per distinct sigma_gamma / (sigma_alpha, sigma_beta) and dropped when no
+    later configuration needs them."""
     device = unary.device
+    if device.type == "cpu":
+        reuse_freed_memory()
     c, n = unary.shape[1], unary.shape[2]
-    segments = [int(im.shape[0] * im.shape[1]) for im in images]
-    seg_arg = segments if len(segments) > 1 else None
+    sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
+    seg_arg = [h * w for h, w in sizes] if len(sizes) > 1 else None
 
-    def build(feature_list: list[torch.Tensor]) -> PermutohedralLattice:
-        return PermutohedralLattice(torch.cat(feature_list, dim=0), segments=seg_arg)
-
-    # Configurations that share every lattice and the iteration count run together as one batch.
+    # Configurations that share every lattice and the iteration count run together.
     groups: dict[tuple, list[int]] = {}
     for index, p in enumerate(params_list):
         groups.setdefault((p.sigma_gamma, p.sigma_alpha, p.sigma_beta, p.iterations), []).append(index)
-    out = torch.empty(len(params_list), c, n, dtype=torch.float32, device=device)
-    gaussian_cache: dict[float, PairwiseTerm] = {}
-    # Memory per configuration in a batch: about five (N, C) float32 tensors in mean_field.
-    batch = max(1, int(memory_mb * 2**20 // (5 * 4 * n * c * 2)))
-    for (sigma_gamma, sigma_alpha, sigma_beta, iterations), indices in groups.items():
-        if sigma_gamma not in gaussian_cache:
-            lattice = build([gaussian_features(im.shape[0], im.shape[1], sigma_gamma, device) for im in images])
-            gaussian_cache[sigma_gamma] = PairwiseTerm(lattice, torch.zeros(0))
-        gaussian = gaussian_cache[sigma_gamma]
-        bilateral_lattice = build([bilateral_features(im, sigma_alpha, sigma_beta) for im in images])
+    out_shape = (len(params_list), n) if labels_only else (len(params_list), c, n)
+    out = torch.empty(out_shape, dtype=torch.int64 if labels_only else torch.float32, device=device)
+    for (sigma_gamma, sigma_alpha, sigma_beta, iterations), members in groups.items():
+        gaussian = _gaussian_term(sizes, sigma_gamma, device)
+        features = torch.cat([bilateral_features(im, sigma_alpha, sigma_beta) for im in images], dim=0)
+        bilateral_lattice = PermutohedralLattice(features, segments=seg_arg)
         bilateral_norm = symmetric_normalization(bilateral_lattice)
-        for start in range(0, len(indices), batch):
-            members = indices[start : start + batch]
-            w2 = torch.tensor([params_list[i].w2 for i in members], dtype=torch.float32, device=device)
-            w1 = torch.tensor([params_list[i].w1 for i in members], dtype=torch.float32, device=device)
-            # densecrf's order: the Gaussian term is added first, then the bilateral one.
-            terms = [
-                PairwiseTerm(gaussian.lattice, w2, norm=gaussian.norm),
-                PairwiseTerm(bilateral_lattice, w1, norm=bilateral_norm),
-            ]
-            q = mean_field(unary, terms, iterations, num_configs=len(members), memory_mb=memory_mb)
-            out[torch.tensor(members, device=device)] = q
-        del bilateral_lattice, bilateral_norm
+        w2 = torch.tensor([params_list[i].w2 for i in members], dtype=torch.float32, device=device)
+        w1 = torch.tensor([params_list[i].w1 for i in members], dtype=torch.float32, device=device)
+        # densecrf's order: the Gaussian term is added first, then the bilateral one.
+        terms = [
+            PairwiseTerm(gaussian.lattice, w2, norm=gaussian.norm),
+            PairwiseTerm(bilateral_lattice, w1, norm=bilateral_norm),
+        ]
+        result = mean_field(unary, terms, iterations, num_configs=len(members), memory_mb=memory_mb,
+                            labels_only=labels_only)
+        out[torch.tensor(members, device=device)] = result
+        del bilateral_lattice, bilateral_norm, terms
     return out
 
 
@@ -297,6 +398,7 @@ def dense_crf_torch_grid(
     device: str | torch.device = "cpu",
     *,
     memory_mb: float = DEFAULT_MEMORY_MB,
+    labels_only: bool = False,
 ) -> np.ndarray:
     """Dense CRF of one image under K parameter configurations (a cross-validation grid, paper Sec. 5).
 
@@ -308,9 +410,12 @@ def dense_crf_torch_grid(
     Args:
         image: RGB uint8 ``(H, W, 3)``. probs: float32 ``(C, H, W)`` summing to 1 over C.
         params_list: K >= 1 CRFParams. device, memory_mb: as in :func:`dense_crf_torch`.
+        labels_only: return the labellings (argmax over C) instead of the marginals; the search needs
+            only these, and they skip the copy of K x C planes.
 
     Returns:
-        float32 ``(K, C, H, W)`` marginals, in the order of ``params_list``.
+        float32 ``(K, C, H, W)`` marginals, in the order of ``params_list``; with ``labels_only``,
+        int64 ``(K, H, W)`` labels.
 
     Raises:
         ValueError: bad ``image``/``probs`` (as in :func:`dense_crf_torch`), an empty ``params_list``
@@ -324,8 +429,9 @@ def dense_crf_torch_grid(
     dev = resolve_device(device)
     image_t, unary = _prepare(image, probs, dev)
     with torch.no_grad():
-        q = _run_configs([image_t], unary.unsqueeze(0), params_list, memory_mb)
-    return q.reshape(len(params_list), *probs.shape).cpu().numpy()
+        q = _run_configs([image_t], unary.unsqueeze(0), params_list, memory_mb, labels_only=labels_only)
+    shape = probs.shape[1:] if labels_only else probs.shape
+    return q.reshape(len(params_list), *shape).cpu().numpy()
 
 
 def dense_crf_torch_batch(
