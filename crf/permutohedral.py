@@ -252,6 +252,10 @@ class PermutohedralLattice:
         the identity of ``scale``), since mean-field inference filters with the same scale every
         iteration.
         """
+        return self._scaled(scale)[0]
+
+    def _scaled(self, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(vertex weights, the same in splat-bag order, times alpha) for ``scale``, cached."""
         if self._cached_weights is not None and self._cached_weights[0] is scale:
             return self._cached_weights[1]
         if scale is None:
@@ -260,8 +264,9 @@ class PermutohedralLattice:
             if scale.shape != (self.num_points,):
                 raise ValueError(f"scale must be (N={self.num_points},), got {tuple(scale.shape)}")
             weights = self.weights * scale.to(torch.float32).view(-1, 1)
-        self._cached_weights = (scale, weights)
-        return weights
+        scaled = (weights, weights.reshape(-1)[self._splat_order], weights * self.alpha)
+        self._cached_weights = (scale, scaled)
+        return scaled
 
     def splat(self, values: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Barycentric-weighted scatter of per-point values onto the lattice.
@@ -273,7 +278,7 @@ class PermutohedralLattice:
         Returns:
             float32 ``(M, C)`` lattice values.
         """
-        weights = self.vertex_weights(scale).reshape(-1)[self._splat_order]
+        weights = self._scaled(scale)[1]
         return F.embedding_bag(self._splat_index, values, self._splat_bags, mode="sum", per_sample_weights=weights)
 
     def blur(self, lattice_values: torch.Tensor) -> torch.Tensor:
@@ -292,7 +297,7 @@ class PermutohedralLattice:
 
     def slice_weights(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """float32 ``(N, d + 1)``: barycentric weights times ``scale`` times densecrf's ``alpha``."""
-        return self.vertex_weights(scale) * self.alpha
+        return self._scaled(scale)[2]
 
     def slice(self, lattice_values: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Barycentric-weighted gather back to the points, scaled by ``alpha`` (and ``scale``):

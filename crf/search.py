@@ -412,9 +412,9 @@ def _eval_task(path: str, configs: tuple[CRFParams, ...], num_classes: int, band
             from .torch_backend import dense_crf_torch_grid
 
             t0 = time.perf_counter()
-            q = np.asarray(dense_crf_torch_grid(s["image"], s["probs"], list(configs), device=device))
+            labels = dense_crf_torch_grid(s["image"], s["probs"], list(configs), device=device, labels_only=True)
             secs[:] = (time.perf_counter() - t0) / k
-            preds = [q[i].argmax(0) for i in range(k)]
+            preds = list(labels)
         else:
             preds = []
             for i, p in enumerate(configs):
