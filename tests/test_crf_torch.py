@@ -22,11 +22,14 @@ from crf.torch_backend import (
     dense_crf_torch_grid,
     mean_field,
     resolve_device,
+    reuse_freed_memory,
+    symmetric_normalization,
     unary_from_probs,
 )
 
 PARAMS_A = CRFParams(w1=5, sigma_alpha=50, sigma_beta=5)
 PARAMS_B = CRFParams(w1=4, sigma_alpha=49, sigma_beta=5)
+PARAMS_C = CRFParams(w1=8, sigma_alpha=80, sigma_beta=3)  # the grid's smallest sigma_beta: the most lattice points
 
 
 def _synthetic(height: int, width: int, labels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +148,86 @@ def test_mean_field_zero_weight_and_zero_iterations():
     assert torch.allclose(q.sum(dim=1), torch.ones(2, 50), atol=1e-5) and not torch.allclose(q, q0, atol=1e-3)
 
 
+def test_labels_only_is_the_argmax_of_the_marginals():
+    image, probs = _synthetic(30, 38, 5, seed=20)
+    grid = [PARAMS_A, PARAMS_B, PARAMS_C]
+    q = dense_crf_torch_grid(image, probs, grid)
+    labels = dense_crf_torch_grid(image, probs, grid, labels_only=True)
+    assert labels.shape == (3, 30, 38) and labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, q.argmax(axis=1))
+
+
+def _terms(image: torch.Tensor, weights: list[tuple[float, float]]) -> list[PairwiseTerm]:
+    gaussian = PermutohedralLattice(gaussian_features(image.shape[0], image.shape[1], 3.0))
+    bilateral = PermutohedralLattice(bilateral_features(image, 50.0, 5.0))
+    return [PairwiseTerm(gaussian, torch.tensor([w2 for w2, _ in weights])),
+            PairwiseTerm(bilateral, torch.tensor([w1 for _, w1 in weights]))]
+
+
+def test_mean_field_groups_chunks_and_shared_first_iteration_agree():
+    """Every execution path of mean_field gives the same Q: configurations in one group or one per
+    group, channels in chunks that split a configuration's labels, a shared unary (first iteration
+    filtered once) or one unary per configuration."""
+    image, probs = _synthetic(26, 31, 4, seed=21)
+    image_t = torch.from_numpy(image)
+    unary = unary_from_probs(torch.from_numpy(probs)).reshape(1, 4, -1)
+    terms = _terms(image_t, [(3.0, 5.0), (3.0, 8.0), (1.0, 0.0)])
+    reference = mean_field(unary, terms, 5, num_configs=3)
+    per_config = mean_field(unary.expand(3, -1, -1).contiguous(), terms, 5)
+    assert torch.allclose(per_config, reference, atol=1e-6)
+    # a budget of 3 channels per pass: one configuration per group, its 4 labels in chunks of 3 and 1
+    n = unary.shape[2]
+    rows = sum(t.lattice.num_lattice for t in terms)
+    three_channels = 3 * 4 * (5 * n + 4 * rows) / 2**20
+    chunked = mean_field(unary, terms, 5, num_configs=3, memory_mb=three_channels)
+    assert torch.allclose(chunked, reference, atol=1e-6)
+    labels = mean_field(unary, terms, 5, num_configs=3, memory_mb=three_channels, labels_only=True)
+    assert torch.equal(labels, reference.argmax(dim=1))
+
+
+def test_mean_field_rejects_mismatched_terms():
+    unary = torch.rand(2, 3, 40)
+    lattice = PermutohedralLattice(torch.rand(40, 2) * 5)
+    with pytest.raises(ValueError, match=r"terms\[0\]: 3 weights for 2 configurations"):
+        mean_field(unary, [PairwiseTerm(lattice, torch.ones(3))], iterations=2)
+    with pytest.raises(ValueError, match=r"terms\[0\]: lattice has N=30"):
+        mean_field(unary, [PairwiseTerm(PermutohedralLattice(torch.rand(30, 2)), torch.ones(2))], iterations=2)
+    with pytest.raises(ValueError, match="iterations"):
+        mean_field(unary, [], iterations=-1)
+
+
+def test_splat_blur_slice_compose_to_the_filter():
+    features = torch.rand(120, 3, generator=torch.Generator().manual_seed(22)) * 4
+    lattice = PermutohedralLattice(features)
+    values = torch.rand(120, 5)
+    scale = symmetric_normalization(lattice)
+    lat = lattice.splat(values, scale)
+    assert lat.shape == (lattice.num_lattice, 5)
+    # splat conserves mass: each point's weights sum to 1
+    assert torch.allclose(lat.sum(0), (values * scale[:, None]).sum(0), rtol=1e-5)
+    composed = lattice.slice(lattice.blur(lat), scale)
+    assert torch.allclose(composed, lattice.filter(values, scale), atol=1e-6)
+
+
+def test_gaussian_lattice_cache_serves_each_size_its_own():
+    first = _synthetic(20, 24, 3, seed=23)
+    other = _synthetic(22, 19, 3, seed=24)
+    a = dense_crf_torch(*first, PARAMS_A)
+    dense_crf_torch(*other, PARAMS_A)
+    dense_crf_torch(*other, CRFParams(w1=5, sigma_alpha=50, sigma_beta=5, sigma_gamma=2))
+    np.testing.assert_array_equal(dense_crf_torch(*first, PARAMS_A), a)
+
+
+def test_reuse_freed_memory_is_idempotent():
+    import platform
+    import sys
+
+    applied = reuse_freed_memory()
+    assert reuse_freed_memory() is applied
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied
+
+
 def test_input_checks_name_the_argument():
     """The torch backend runs the pydensecrf backend's checks (crf.dense.check_inputs): same errors."""
     image, probs = _synthetic(10, 12, 3, seed=11)
@@ -203,7 +286,7 @@ def _pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.n
 
 def test_matches_pydensecrf_on_a_small_image():
     image, probs = _synthetic(60, 80, 5, seed=14)
-    for params in (PARAMS_A, CRFParams(w1=10, sigma_alpha=20, sigma_beta=3, w2=3, sigma_gamma=3)):
+    for params in (PARAMS_A, PARAMS_C, CRFParams(w1=10, sigma_alpha=20, sigma_beta=3, w2=3, sigma_gamma=3)):
         np.testing.assert_allclose(dense_crf_torch(image, probs, params), _pydensecrf(image, probs, params), atol=1e-4)
 
 
@@ -237,18 +320,18 @@ def test_agrees_with_pydensecrf_on_voc_val(shared_voc):
     from PIL import Image
 
     names = (shared_voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:5]
-    grid = [PARAMS_A, PARAMS_B]
-    confusions = {(backend, k): np.zeros((21, 21), np.int64) for backend in ("torch", "pydensecrf") for k in range(2)}
+    grid = [PARAMS_A, PARAMS_B, PARAMS_C]
+    confusions = {(backend, k): np.zeros((21, 21), np.int64) for backend in ("torch", "pydensecrf") for k in range(3)}
     for name in names:
         image = np.array(Image.open(shared_voc / "JPEGImages" / f"{name}.jpg").convert("RGB"))
         label = np.asarray(Image.open(shared_voc / "SegmentationClass" / f"{name}.png"))
         probs = _probs_from_ground_truth(label)
-        torch_q = dense_crf_torch_grid(image, probs, grid)
+        torch_labels = dense_crf_torch_grid(image, probs, grid, labels_only=True)  # as the search takes them
         for k, params in enumerate(grid):
-            ours, theirs = torch_q[k].argmax(0), _pydensecrf(image, probs, params).argmax(0)
+            ours, theirs = torch_labels[k], _pydensecrf(image, probs, params).argmax(0)
             agreement = float((ours == theirs).mean())
             assert agreement >= 0.99, (name, params, agreement)
             confusions["torch", k] += _confusion(label, ours)
             confusions["pydensecrf", k] += _confusion(label, theirs)
-    for k in range(2):
+    for k in range(3):
         assert abs(_miou(confusions["torch", k]) - _miou(confusions["pydensecrf", k])) < 0.2
