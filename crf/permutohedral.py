@@ -224,20 +224,21 @@ class PermutohedralLattice:
         self._splat_order = order
         # Blur neighbours along direction j: n1 = key - 1 except n1[j] = key[j] + d (for j = d all
         # d stored coordinates move by -1), n2 the opposite; absent neighbours point at row M.
-        neighbours = torch.empty(d + 1, 2, m, dtype=torch.int64, device=device)
+        # n2 is the inverse of n1 (q = n1(p) exactly when p = n2(q)), so one search per direction.
+        neighbours = torch.full((d + 1, 2, m), m, dtype=torch.int64, device=device)
+        own = torch.arange(m, device=device)
         for j in range(d + 1):
             delta = -sum(strides[:d])
             if j < d:
                 delta += (d + 1) * strides[j]
-            for side, sign in ((0, 1), (1, -1)):
-                target = unique + sign * delta
-                pos = torch.searchsorted(unique, target).clamp_(max=m - 1)
-                found = unique[pos] == target
-                neighbours[j, side] = torch.where(found, pos, torch.full_like(pos, m))
+            target = unique + delta
+            pos = torch.searchsorted(unique, target).clamp_(max=m - 1)
+            found = unique[pos] == target
+            neighbours[j, 0] = torch.where(found, pos, neighbours[j, 0])
+            neighbours[j, 1].index_put_((pos[found],), own[found])
         self.neighbours = neighbours
         # Blur as bags of three: (self, n1, n2) with weights (1, 0.5, 0.5); an absent neighbour is the
         # point itself with weight 0, so no zero row has to be appended to the lattice values.
-        own = torch.arange(m, device=device)
         self._blur_index = torch.where(neighbours == m, own, neighbours)  # (d + 1, 2, M)
         self._blur_index = torch.cat([own.expand(d + 1, 1, m), self._blur_index], dim=1).permute(0, 2, 1).contiguous()
         half = (neighbours != m).to(torch.float32) * 0.5

@@ -254,13 +254,13 @@ def mean_field(
                 lats = []
                 for ti, t in enumerate(active):
                     if q is None and first is not None:
-                        lat = first[ti].repeat(1, kg)[:, s:e]
+                        lat = first[ti].repeat(1, kg)[:, s:e] * channel_w[ti][s:e]
                     else:
                         if q is None:
                             q = torch.softmax(nu, dim=2)
                         values = q.view(n, width)[:, s:e]
-                        lat = t.lattice.blur(t.lattice.splat(values.contiguous(), t.norm))
-                    lats.append(lat * channel_w[ti][s:e])
+                        lat = t.lattice.blur(t.lattice.splat(values.contiguous(), t.norm)).mul_(channel_w[ti][s:e])
+                    lats.append(lat)
                 rows_all = torch.cat(lats) if len(lats) > 1 else lats[0]
                 part = F.embedding_bag(slice_index, rows_all, mode="sum", per_sample_weights=slice_weights)
                 if energy is None:
