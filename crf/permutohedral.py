@@ -216,9 +216,8 @@ class PermutohedralLattice:
         inverse[order] = lattice_of_sorted
         self.num_lattice = m
         self.offsets = inverse.view(n, d + 1)
-        starts = torch.nonzero(first, as_tuple=False).reshape(-1)
         # Splat as bags (one per lattice point) of the pixels' vertices, in sorted order; slice as
-        # fixed-size bags (one per point) of its d + 1 vertices. Both run as F.embedding_bag.
+        # fixed-size bags (one per point) of its d + 1 vertices (``offsets``). Both run as F.embedding_bag.
         self._splat_index = torch.div(order, d + 1, rounding_mode="floor")
         self._splat_bags = torch.nonzero(first, as_tuple=False).reshape(-1)
         self._splat_order = order
@@ -245,18 +244,11 @@ class PermutohedralLattice:
         self._blur_weight = torch.cat([torch.ones(d + 1, 1, m, device=device), half], dim=1).permute(0, 2, 1).contiguous()
         self._cached_weights: tuple | None = None
     # ------------------------------------------------------------------ operators
-    def vertex_weights(self, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Barycentric weights with a per-point ``scale`` folded in: float32 ``(N, d + 1)``.
-
-        densecrf's symmetric normalisation multiplies by ``scale`` before splatting and after slicing;
-        folding it into the weights saves two passes over the values. The last result is cached (by
-        the identity of ``scale``), since mean-field inference filters with the same scale every
-        iteration.
-        """
-        return self._scaled(scale)[0]
-
     def _scaled(self, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(vertex weights, the same in splat-bag order, times alpha) for ``scale``, cached."""
+        """(vertex weights, the same in splat-bag order, times alpha) with a per-point ``scale`` folded
+        in. densecrf's symmetric normalisation multiplies by ``scale`` before splatting and after
+        slicing; folding it into the weights saves two passes over the values. The last result is
+        cached (by the identity of ``scale``): mean-field filters with the same scale every iteration."""
         if self._cached_weights is not None and self._cached_weights[0] is scale:
             return self._cached_weights[1]
         if scale is None:
@@ -291,13 +283,9 @@ class PermutohedralLattice:
             )
         return lattice_values
 
-    def slice_index(self) -> torch.Tensor:
-        """int64 ``(N, d + 1)``: the lattice point of each point's simplex vertices (rows of
-        :meth:`blur`'s output); with :meth:`slice_weights`, the bags of :meth:`slice`."""
-        return self.offsets
-
     def slice_weights(self, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 ``(N, d + 1)``: barycentric weights times ``scale`` times densecrf's ``alpha``."""
+        """float32 ``(N, d + 1)``: barycentric weights times ``scale`` times densecrf's ``alpha``; with
+        ``offsets``, the bags of :meth:`slice`."""
         return self._scaled(scale)[2]
 
     def slice(self, lattice_values: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

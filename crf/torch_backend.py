@@ -105,10 +105,11 @@ class PairwiseTerm:
         self.weights = torch.as_tensor(self.weights, dtype=torch.float32, device=self.lattice.device).reshape(-1)
 
 
-#: On CPU, configurations run through the lattices in groups of about this many channels (labels x
-#: configurations): the lattice values of a group stay cache-sized, which is faster per channel than
-#: wider groups (measured with tools/bench_crf.py on VOC-sized images). On CUDA all configurations
-#: that fit the memory bound run as one group.
+#: On CPU, configurations run through the lattices in groups of at most this many channels (labels x
+#: configurations). Wider is faster per channel: on a VOC-sized image, groups of 21 / 42 / 63 / 126
+#: channels took about 190 / 150 / 130 / 105 ms per configuration (2 cores), so the 6 w1 values of a
+#: grid point run as one group; the cap bounds memory when more configurations share a lattice. On
+#: CUDA all configurations that fit the memory bound run as one group.
 CPU_GROUP_CHANNELS = 128
 
 _MALLOC_TUNED: list[bool] = []
@@ -230,7 +231,7 @@ def mean_field(
     for t in active:
         row_offsets.append(rows)
         rows += t.lattice.num_lattice
-    slice_index = torch.cat([t.lattice.slice_index() + off for t, off in zip(active, row_offsets)], dim=1)
+    slice_index = torch.cat([t.lattice.offsets + off for t, off in zip(active, row_offsets)], dim=1)
     slice_weights = torch.cat([t.lattice.slice_weights(t.norm) for t in active], dim=1)
     per_group, chunk = _group_size(active, k, c, n, device, memory_mb)
 
@@ -298,23 +299,25 @@ def _check_params(params: object, name: str = "params") -> CRFParams:
 #: Gaussian (smoothness) lattices depend only on the image size and sigma_gamma, not on the image:
 #: the last few are kept (with their normalisation) for the calls that follow, e.g. the grid search's
 #: groups of one image, or images of one size.
-_GAUSSIAN_CACHE: "OrderedDict[tuple, PairwiseTerm]" = OrderedDict()
+_GAUSSIAN_CACHE: "OrderedDict[tuple, tuple[PermutohedralLattice, torch.Tensor]]" = OrderedDict()
 _GAUSSIAN_CACHE_SIZE = 4
 
 
-def _gaussian_term(sizes: list[tuple[int, int]], sigma_gamma: float, device: torch.device) -> PairwiseTerm:
+def _gaussian_lattice(sizes: list[tuple[int, int]], sigma_gamma: float,
+                      device: torch.device) -> tuple[PermutohedralLattice, torch.Tensor]:
+    """The Gaussian lattice of images of these sizes and its symmetric normalisation (cached)."""
     key = (tuple(sizes), float(sigma_gamma), str(device))
-    term = _GAUSSIAN_CACHE.get(key)
-    if term is None:
+    hit = _GAUSSIAN_CACHE.get(key)
+    if hit is None:
         features = torch.cat([gaussian_features(h, w, sigma_gamma, device) for h, w in sizes], dim=0)
         segments = [h * w for h, w in sizes] if len(sizes) > 1 else None
-        term = PairwiseTerm(PermutohedralLattice(features, segments=segments), torch.zeros(0))
-        _GAUSSIAN_CACHE[key] = term
+        lattice = PermutohedralLattice(features, segments=segments)
+        hit = _GAUSSIAN_CACHE[key] = (lattice, symmetric_normalization(lattice))
         while len(_GAUSSIAN_CACHE) > _GAUSSIAN_CACHE_SIZE:
             _GAUSSIAN_CACHE.popitem(last=False)
     else:
         _GAUSSIAN_CACHE.move_to_end(key)
-    return term
+    return hit
 
 
 def _run_configs(
@@ -342,7 +345,7 @@ def _run_configs(
     out_shape = (len(params_list), n) if labels_only else (len(params_list), c, n)
     out = torch.empty(out_shape, dtype=torch.int64 if labels_only else torch.float32, device=device)
     for (sigma_gamma, sigma_alpha, sigma_beta, iterations), members in groups.items():
-        gaussian = _gaussian_term(sizes, sigma_gamma, device)
+        gaussian_lattice, gaussian_norm = _gaussian_lattice(sizes, sigma_gamma, device)
         features = torch.cat([bilateral_features(im, sigma_alpha, sigma_beta) for im in images], dim=0)
         bilateral_lattice = PermutohedralLattice(features, segments=seg_arg)
         bilateral_norm = symmetric_normalization(bilateral_lattice)
@@ -350,7 +353,7 @@ def _run_configs(
         w1 = torch.tensor([params_list[i].w1 for i in members], dtype=torch.float32, device=device)
         # densecrf's order: the Gaussian term is added first, then the bilateral one.
         terms = [
-            PairwiseTerm(gaussian.lattice, w2, norm=gaussian.norm),
+            PairwiseTerm(gaussian_lattice, w2, norm=gaussian_norm),
             PairwiseTerm(bilateral_lattice, w1, norm=bilateral_norm),
         ]
         result = mean_field(unary, terms, iterations, num_configs=len(members), memory_mb=memory_mb,
