@@ -7,11 +7,16 @@ parameters are w1 in [5, 10], sigma_alpha in [50:10:100] and sigma_beta in [3:1:
 and then we refine the search step sizes around the first round's best values. We fix the number of
 mean field iterations to 10."
 
-The coarse grid is therefore w1 in {5, 6, ..., 10} (step 1, as the other two ranges), sigma_alpha in
-{50, 60, ..., 100}, sigma_beta in {3, 4, ..., 10}: 6 x 6 x 8 = 288 configurations. Each refinement round
-``r`` (1..``rounds``) evaluates, around the best configuration of the rounds before it, the points at
--1, 0, +1 step of size ``coarse step * shrink**r`` on each axis (3 x 3 x 3 at most), clipped to the
-coarse grid's bounds and without the configurations already evaluated.
+In MATLAB notation ``[5, 10]`` is the two-element vector {5, 10} (the release's own cross-validation
+script also takes W in {5, 10}), while ``[50:10:100]`` is 50, 60, ..., 100 and ``[3:1:10]`` is 3, 4,
+..., 10. The default coarse grid is therefore w1 in {5, 10}, sigma_alpha in {50, 60, ..., 100},
+sigma_beta in {3, 4, ..., 10}: 2 x 6 x 8 = 96 configurations (w1 5, 6, ..., 10 instead is one YAML line
+away: ``crf_search.w1: [5, 6, 7, 8, 9, 10]``). Each refinement round ``r`` (1..``rounds``) evaluates,
+around the best configuration of the rounds before it, the points at -1, 0, +1 step of size
+``coarse step * shrink**r`` on each axis (3 x 3 x 3 at most), without the configurations already
+evaluated. The refinement is NOT held inside the coarse grid's bounds: it may step beyond them (towards
+e.g. the release's LargeFOV w1 4, sigma_alpha 49 or 121); only values outside the valid domain (a
+negative w1, a sigma <= 0) are dropped from their axis (see :meth:`SearchConfig.refine`).
 
 Inputs are sample files (``.npz``, one per image, written ONCE by the caller; see ``crf.parallel``):
 ``image`` (H, W, 3) uint8 RGB, ``probs`` (C, H, W) float16/float32 (upsampled, cropped, softmaxed),
@@ -91,9 +96,12 @@ class SearchConfig:
     """The search space and how to run it (paper Sec. 5).
 
     Args:
-        w1: bilateral weights of the coarse grid (paper: [5, 10] -> 5, 6, ..., 10).
-        sigma_alpha: bilateral spatial standard deviations, pixels (paper: [50:10:100]).
-        sigma_beta: bilateral colour standard deviations, RGB units (paper: [3:1:10]).
+        w1: bilateral weights of the coarse grid (paper Sec. 5: "w1 in [5, 10]" in MATLAB notation, the
+            two values 5 and 10, as the release's cross-validation script's W in {5, 10}; default
+            ``[5.0, 10.0]``). The six values 5..10 are one YAML line away:
+            ``crf_search.w1: [5, 6, 7, 8, 9, 10]``.
+        sigma_alpha: bilateral spatial standard deviations, pixels (paper: [50:10:100] = 50, 60, ..., 100).
+        sigma_beta: bilateral colour standard deviations, RGB units (paper: [3:1:10] = 3, 4, ..., 10).
         w2, sigma_gamma: the Gaussian kernel, fixed (paper: 3 and 3 pixels, never cross-validated).
         iterations: mean-field iterations (paper: 10 for every reported number).
         rounds: refinement rounds after the coarse one (0: coarse grid only).
@@ -117,7 +125,8 @@ class SearchConfig:
             message names the field and the value.
     """
 
-    w1: list[float] = field(default_factory=lambda: [5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    #: paper Sec. 5 "w1 in [5, 10]" (MATLAB notation: the two values 5 and 10); 2 x 6 x 8 = 96 configurations
+    w1: list[float] = field(default_factory=lambda: [5.0, 10.0])
     sigma_alpha: list[float] = field(default_factory=lambda: [50.0, 60.0, 70.0, 80.0, 90.0, 100.0])
     sigma_beta: list[float] = field(default_factory=lambda: [3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
     w2: float = 3.0
@@ -193,17 +202,30 @@ class SearchConfig:
     def refine(self, best: CRFParams, round_index: int) -> list[CRFParams]:
         """Round ``round_index`` (>= 1): best +- 1 step of ``coarse step * shrink**round_index`` per axis.
 
-        Values are clipped to the coarse grid's [min, max] on each axis and de-duplicated, so at most
-        3 x 3 x 3 configurations come back (``best`` itself included; the caller drops the done ones).
+        The values are NOT clipped to the coarse grid's [min, max]: a best on the grid's edge is refined
+        on both sides of it, so that the search can move beyond the paper's initial ranges (e.g. to the
+        release's LargeFOV w1 4 or sigma_alpha 49). Values outside the valid domain (w1 < 0,
+        sigma_alpha or sigma_beta <= 0, after rounding to the grid's decimals) are DROPPED from their axis
+        rather than clamped (a sigma clamped to the domain's edge would be the invalid 0); that axis then
+        has 2 values. w1 = 0 (no bilateral term) is valid and kept. An axis with a single coarse value
+        has step 0 and keeps the best's value only. At most 3 x 3 x 3 configurations come back (``best``
+        itself included; the caller drops the ones already evaluated).
         """
         if round_index < 1:
             raise ValueError(f"refinement rounds start at 1, got {round_index}")
+        steps = self.steps()
         axes = []
-        for name, values in (("w1", self.w1), ("sigma_alpha", self.sigma_alpha), ("sigma_beta", self.sigma_beta)):
-            step = self.steps()[name] * self.shrink**round_index
+        for name, strict in (("w1", False), ("sigma_alpha", True), ("sigma_beta", True)):
+            step = steps[name] * self.shrink**round_index
             centre = getattr(best, name)
-            lo, hi = values[0], values[-1]
-            axes.append(sorted({round(min(max(centre + k * step, lo), hi), _DECIMALS) for k in (-1, 0, 1)}))
+            values = set()
+            for k in (-1, 0, 1):
+                v = round(centre + k * step, _DECIMALS) + 0.0  # + 0.0: no -0.0
+                if v > 0 or (v == 0 and not strict):
+                    values.add(v)
+            if round(centre, _DECIMALS) + 0.0 not in values:
+                values.add(centre)  # CRFParams checked it; a sigma below 1e-6 stays as given, not rounded to 0
+            axes.append(sorted(values))
         return [self.params(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
 
 

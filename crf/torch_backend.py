@@ -107,9 +107,9 @@ class PairwiseTerm:
 
 #: On CPU, configurations run through the lattices in groups of at most this many channels (labels x
 #: configurations). Wider is faster per channel: on a VOC-sized image, groups of 21 / 42 / 63 / 126
-#: channels took about 190 / 150 / 130 / 105 ms per configuration (2 cores), so the 6 w1 values of a
-#: grid point run as one group; the cap bounds memory when more configurations share a lattice. On
-#: CUDA all configurations that fit the memory bound run as one group.
+#: channels took about 190 / 150 / 130 / 105 ms per configuration (2 cores), so the w1 values of a
+#: grid point (2 by default, 6 with w1 5..10) run as one group; the cap bounds memory when more
+#: configurations share a lattice. On CUDA all configurations that fit the memory bound run as one group.
 CPU_GROUP_CHANNELS = 128
 
 _MALLOC_TUNED: list[bool] = []

@@ -75,7 +75,11 @@ class TrainConfig:
     ``iterations`` (Caffe ``max_iter``) of ``batch_size`` crops, gradients accumulated over ``iter_size``
     (Caffe's iter_size); lr ``base_lr`` with ``lr_policy`` ``step`` (x ``gamma`` every ``step_size``) or
     ``poly`` (v3: (1 - it/max)^``power``); ``momentum``, ``weight_decay``; lr x1/x2 weights/biases, x10/x20
-    for the classifier (``classifier_lr_mult``). ``label_mode``: ``shrink`` (v1: labels sampled at the
+    for the classifier (``classifier_lr_mult``). ``lr_mult``: per layer group multipliers that override
+    those, an ordered mapping of layer-name glob patterns (Caffe names for v1: ``conv1_1`` ... ``fc8``,
+    ``data_conv`` ... ``pool4_ms``; module paths for v3) to ``[weight, bias]`` (Caffe ``blobs_lr``), first
+    match wins, 0 freezes (the MSc experiments: the trunk frozen, the branches x1 / x2; see
+    ``engine.solver.caffe_param_groups``). ``label_mode``: ``shrink`` (v1: labels sampled at the
     score-map positions, INTERP shrink_factor 8) or ``upsample`` (v3: logits upsampled to the crop).
     ``scale_range``: random rescaling (v3: [0.5, 2.0]). ``batchnorm``: ``finetune`` or ``frozen`` (v3
     models). ``output_stride``: v3 training output_stride (null: the model's). ``iterations: 0`` skips
@@ -95,6 +99,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0005
     classifier_lr_mult: float = 10.0
+    lr_mult: Optional[dict[str, list[float]]] = None
     label_mode: Literal["shrink", "upsample"] = "shrink"
     scale_range: Optional[list[float]] = None
     batchnorm: Literal["finetune", "frozen"] = "finetune"
@@ -333,6 +338,29 @@ def _resolve(path: Optional[Path], base: Path) -> Optional[Path]:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def _check_lr_mult(cfg: ExperimentConfig, fail: Any) -> None:
+    """``train.lr_mult``: each value [weight, bias] of two numbers >= 0; each pattern matches a layer."""
+    import torch
+
+    from .engine.solver import layer_name_of
+    from .models import build_model
+
+    for pattern, mults in cfg.train.lr_mult.items():
+        ok = isinstance(mults, list) and len(mults) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in mults)
+        if not ok:
+            fail(f"train.lr_mult.{pattern}", f"must be [weight_mult, bias_mult], two numbers >= 0, got {mults!r}")
+    with torch.device("meta"):  # layer names only: no memory, no initialisation cost
+        model = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.options())
+    layers = sorted(set(layer_name_of(model).values()))
+    import fnmatch
+
+    for pattern in cfg.train.lr_mult:
+        if not any(fnmatch.fnmatchcase(layer, pattern) for layer in layers):
+            shown = ", ".join(layers[:40]) + (" ..." if len(layers) > 40 else "")
+            fail(f"train.lr_mult.{pattern}", f"matches no layer of {cfg.model.name} (layers: {shown})")
+
+
 def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> None:
     """Semantic checks that need more than types (values, model names, existing paths).
 
@@ -359,6 +387,8 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
             fail(f"train.{key}", f"must be >= 1, got {getattr(cfg.train, key)}")
     if cfg.train.base_lr <= 0:
         fail("train.base_lr", f"must be > 0, got {cfg.train.base_lr}")
+    if cfg.train.lr_mult is not None:
+        _check_lr_mult(cfg, fail)
     if cfg.train.scale_range is not None and (
         len(cfg.train.scale_range) != 2 or not 0 < cfg.train.scale_range[0] <= cfg.train.scale_range[1]
     ):

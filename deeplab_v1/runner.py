@@ -259,9 +259,10 @@ class Runner:
             iterations=t.iterations, batch_size=t.batch_size, iter_size=t.iter_size, crop_size=crop,
             base_lr=t.base_lr, lr_policy=t.lr_policy, gamma=t.gamma, step_size=t.step_size, power=t.power,
             momentum=t.momentum, weight_decay=t.weight_decay, classifier_lr_mult=t.classifier_lr_mult,
+            lr_mult=dict(t.lr_mult) if t.lr_mult else None,
             label_mode=t.label_mode,
-            # train.prototxt of DeepLab (crop 306): INTERP shrink_factor 8 with pad_beg -1
-            label_pad_beg=-1 if (spec is not None and spec.pool_kernel == 2) else 0,
+            # train.prototxt's label_shrink: INTERP shrink_factor 8, pad_beg -1 for DeepLab's 306 crop
+            label_pad_beg=spec.train_label_pad_beg if spec is not None else 0,
             mirror=t.mirror, scale_range=tuple(t.scale_range) if t.scale_range else None,
             checkpoint_every=t.checkpoint_every, log_every=t.log_every, seed=self.cfg.seed,
             num_classes=self.cfg.model.num_classes,

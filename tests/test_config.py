@@ -79,3 +79,20 @@ def test_overrides_apply_before_validation(tmp_path):
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_overrides({}, ["train.iterations"], "x")
     assert to_dict(cfg)["train"]["iterations"] == 7
+
+
+def test_lr_mult_is_checked_against_the_models_layers(tmp_path):
+    from deeplab_v1.config import ConfigError, load_config
+
+    exp = tmp_path / "e.yaml"
+    exp.write_text("model: {name: deeplab-msc-largefov}\ntrain:\n  lr_mult: {'conv*': [0, 0], 'pool9_*': [1, 2]}\n")
+    with pytest.raises(ConfigError, match=r"train\.lr_mult\.pool9_\*.*matches no layer of deeplab-msc-largefov"):
+        load_config(exp, check_paths=False)
+    exp.write_text("model: {name: deeplab-largefov}\ntrain:\n  lr_mult: {'fc8': [1]}\n")
+    with pytest.raises(ConfigError, match=r"train\.lr_mult\.fc8.*two numbers >= 0"):
+        load_config(exp, check_paths=False)
+    exp.write_text("model: {name: deeplab-largefov}\ntrain:\n  lr_mult: {'fc8': [1, -2]}\n")
+    with pytest.raises(ConfigError, match=r"train\.lr_mult\.fc8"):
+        load_config(exp, check_paths=False)
+    exp.write_text("model: {name: deeplab-largefov}\ntrain:\n  lr_mult: {'conv*': [0, 0], 'fc8': [10, 20]}\n")
+    assert load_config(exp, check_paths=False).train.lr_mult == {"conv*": [0, 0], "fc8": [10, 20]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -54,24 +55,78 @@ def test_confusion_and_scores_by_hand():
 # --- grid and refinement ------------------------------------------------------------------------------
 
 
-def test_default_grid_is_the_papers_288_configurations():
+def _axes(configs):
+    """The sorted distinct values of (w1, sigma_alpha, sigma_beta) among ``configs``."""
+    return tuple(sorted({getattr(p, name) for p in configs}) for name in ("w1", "sigma_alpha", "sigma_beta"))
+
+
+def test_default_grid_is_the_papers_96_configurations():
+    # paper Sec. 5 in MATLAB notation: w1 in [5, 10] (the two values), sigma_alpha in [50:10:100], sigma_beta
+    # in [3:1:10]
     cfg = SearchConfig()
     grid = cfg.coarse_grid()
-    assert len(grid) == 6 * 6 * 8 == 288
-    assert cfg.w1 == [5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    assert len(grid) == 2 * 6 * 8 == 96
+    assert cfg.w1 == [5.0, 10.0]
     assert cfg.sigma_alpha == [50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
     assert cfg.sigma_beta == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    assert [(p.w1, p.sigma_alpha, p.sigma_beta) for p in grid] == [
+        (a, b, c) for a in (5.0, 10.0) for b in range(50, 101, 10) for c in range(3, 11)]  # w1 slowest
     assert all(p.w2 == 3 and p.sigma_gamma == 3 and p.iterations == 10 for p in grid)
-    assert cfg.steps() == {"w1": 1.0, "sigma_alpha": 10.0, "sigma_beta": 1.0}
-    ref = cfg.refine(CRFParams(7, 70, 6), 1)
-    assert len(ref) == 27
-    assert sorted({p.w1 for p in ref}) == [6.5, 7.0, 7.5]
-    assert sorted({p.sigma_alpha for p in ref}) == [65.0, 70.0, 75.0]
-    assert sorted({p.sigma_beta for p in ref}) == [5.5, 6.0, 6.5]
-    corner = cfg.refine(CRFParams(10, 50, 3), 2)  # clipped at the bounds: 2 x 2 x 2
-    assert sorted({p.w1 for p in corner}) == [9.75, 10.0]
-    assert sorted({p.sigma_alpha for p in corner}) == [50.0, 52.5]
-    assert sorted({p.sigma_beta for p in corner}) == [3.0, 3.25]
+    assert cfg.steps() == {"w1": 5.0, "sigma_alpha": 10.0, "sigma_beta": 1.0}
+    # 5..10 is one YAML line away
+    six = SearchConfig.from_dict({"w1": [5, 6, 7, 8, 9, 10]})
+    assert len(six.coarse_grid()) == 288 and six.steps()["w1"] == 1.0
+
+
+def test_refinement_halves_the_coarse_steps_around_the_best():
+    cfg = SearchConfig()
+    ref = cfg.refine(CRFParams(5, 70, 6), 1)
+    assert len(ref) == 27 and CRFParams(5, 70, 6) in ref
+    assert _axes(ref) == ([2.5, 5.0, 7.5], [65.0, 70.0, 75.0], [5.5, 6.0, 6.5])
+    assert _axes(cfg.refine(CRFParams(7.5, 75, 6.5), 2)) == ([6.25, 7.5, 8.75], [72.5, 75.0, 77.5],
+                                                             [6.25, 6.5, 6.75])
+    # an axis with a single coarse value has step 0: the best's value only
+    one = SearchConfig(w1=[4.0], sigma_alpha=[50.0, 70.0], sigma_beta=[5.0])
+    assert _axes(one.refine(CRFParams(4, 50, 5), 1)) == ([4.0], [40.0, 50.0, 60.0], [5.0])
+    with pytest.raises(ValueError, match=r"refinement rounds start at 1, got 0"):
+        cfg.refine(CRFParams(5, 70, 6), 0)
+
+
+@pytest.mark.parametrize("best,axes", [
+    # the coarse grid's corners: refinement steps beyond its bounds, still 3 x 3 x 3
+    ((10, 50, 3), ([7.5, 10.0, 12.5], [45.0, 50.0, 55.0], [2.5, 3.0, 3.5])),
+    ((5, 100, 10), ([2.5, 5.0, 7.5], [95.0, 100.0, 105.0], [9.5, 10.0, 10.5])),
+])
+def test_refinement_of_a_corner_leaves_the_coarse_bounds(best, axes):
+    cfg = SearchConfig()
+    ref = cfg.refine(CRFParams(*best), 1)
+    assert len(ref) == 27 and len(set(ref)) == 27
+    assert _axes(ref) == axes
+    w1, sa, sb = _axes(ref)
+    outside = (w1[0] < cfg.w1[0] or w1[-1] > cfg.w1[-1], sa[0] < cfg.sigma_alpha[0] or sa[-1] > cfg.sigma_alpha[-1],
+               sb[0] < cfg.sigma_beta[0] or sb[-1] > cfg.sigma_beta[-1])
+    assert all(outside)  # a clipped refinement would give 2 x 2 x 2 inside the bounds
+    # the next round, around a point already outside, goes further out (quarter steps)
+    far = cfg.refine(CRFParams(12.5, 45, 2.5), 2)
+    assert len(far) == 27 and _axes(far) == ([11.25, 12.5, 13.75], [42.5, 45.0, 47.5], [2.25, 2.5, 2.75])
+
+
+@pytest.mark.parametrize("best,round_index,axes", [
+    # w1 - step < 0 and sigma - step <= 0 are dropped, the centre and the + side stay
+    ((1.0, 3.0, 0.2), 1, ([1.0, 3.5], [3.0, 8.0], [0.2, 0.7])),
+    # w1 = 0 (no bilateral term) is valid and kept; a sigma landing exactly on 0 is not
+    ((2.5, 5.0, 0.5), 1, ([0.0, 2.5, 5.0], [5.0, 10.0], [0.5, 1.0])),
+    ((0.0, 1e-3, 1e-3), 3, ([0.0, 0.625], [1e-3, 1.251], [1e-3, 0.126])),
+    # a sigma below the grid's decimals stays as given instead of rounding to the invalid 0
+    ((0.0, 1e-7, 1e-7), 1, ([0.0, 2.5], [1e-7, 5.0], [1e-7, 0.5])),
+])
+def test_refinement_at_the_domain_edge_never_yields_an_invalid_value(best, round_index, axes):
+    cfg = SearchConfig()
+    ref = cfg.refine(CRFParams(*best), round_index)
+    assert _axes(ref) == axes
+    assert len(ref) == len(set(ref)) == math.prod(len(a) for a in axes)
+    assert all(p.w1 >= 0 and p.sigma_alpha > 0 and p.sigma_beta > 0 for p in ref)
+    assert all(math.copysign(1.0, p.w1) == 1.0 for p in ref)  # no -0.0
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -117,39 +172,69 @@ def _ids(tmp_path, names):
     return [tmp_path / f"{n}.npz" for n in names]
 
 
+def _expected_calls(cfg: SearchConfig, bests: list[tuple]) -> int:
+    """Distinct configurations of a search: the coarse grid, then round r's refinement around bests[r - 1]."""
+    done = {(p.w1, p.sigma_alpha, p.sigma_beta) for p in cfg.coarse_grid()}
+    for r, best in enumerate(bests, start=1):
+        done |= {(p.w1, p.sigma_alpha, p.sigma_beta) for p in cfg.refine(CRFParams(*best), r)}
+    return len(done)
+
+
 def test_refinement_lands_between_coarse_grid_points(tmp_path):
     bowl = Bowl((7.4, 74.0, 6.4))
     cfg = SearchConfig(objective=bowl, rounds=1)
     res = run_search(_ids(tmp_path, ["a", "b"]), tmp_path / "s", cfg, progress=False)
-    # coarse best is (7, 70, 6); the half steps around it reach (7.5, 75, 6.5), off the coarse grid
+    # coarse best is (5, 70, 6); the half steps around it reach (7.5, 75, 6.5), off the coarse grid
     assert (res.best.w1, res.best.sigma_alpha, res.best.sigma_beta) == (7.5, 75.0, 6.5)
     assert res.best.w1 not in cfg.w1 and res.best.sigma_alpha not in cfg.sigma_alpha
-    assert len(bowl.calls) == len(set(bowl.calls)) == 288 + 26
-    assert res.rows[0]["rank"] == 1 and res.rows[0]["round"] == 1 and len(res.rows) == 314
+    # 96 coarse + 26 new (the 27 around the best less the best itself)
+    assert len(bowl.calls) == len(set(bowl.calls)) == _expected_calls(cfg, [(5, 70, 6)]) == 96 + 26
+    assert res.rows[0]["rank"] == 1 and res.rows[0]["round"] == 1 and len(res.rows) == 96 + 26
+    assert sum(r["round"] == 0 for r in res.rows) == len(cfg.coarse_grid())
     # a second round refines with quarter steps around the first round's best
     bowl2 = Bowl((7.3, 73.0, 6.3))
-    res2 = run_search(_ids(tmp_path, ["a", "b"]), tmp_path / "s2", SearchConfig(objective=bowl2, rounds=2),
-                      progress=False)
-    # round 1 moves from (7, 70, 6) to (7.5, 75, 6.5); round 2 to (7.25, 72.5, 6.25)
-    assert (res2.best.w1, res2.best.sigma_alpha, res2.best.sigma_beta) == (7.25, 72.5, 6.25)
-    assert len(bowl2.calls) == len(set(bowl2.calls)) == 288 + 26 + 26
+    cfg2 = SearchConfig(objective=bowl2, rounds=2)
+    res2 = run_search(_ids(tmp_path, ["a", "b"]), tmp_path / "s2", cfg2, progress=False)
+    # round 1 moves from (5, 70, 6) to (7.5, 75, 6.5); round 2 (steps 1.25, 2.5, 0.25) to (7.5, 72.5, 6.25)
+    assert (res2.best.w1, res2.best.sigma_alpha, res2.best.sigma_beta) == (7.5, 72.5, 6.25)
+    assert len(bowl2.calls) == len(set(bowl2.calls)) == _expected_calls(cfg2, [(5, 70, 6), (7.5, 75, 6.5)]) \
+        == 96 + 26 + 26
     best = json.loads((tmp_path / "s" / "best.json").read_text())
     assert CRFParams.from_dict({k: best[k] for k in CRFParams.__dataclass_fields__}) == res.best
+    assert best["configurations"] == len(res.rows)
     table = (tmp_path / "s" / "ranked.md").read_text()
     assert "| 1 | 7.5 | 75 | 6.5 |" in table
     assert (tmp_path / "s" / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_refinement_stays_within_the_coarse_bounds(tmp_path):
+def test_refinement_steps_beyond_the_coarse_bounds(tmp_path):
     bowl = Bowl((14.0, 20.0, 12.0))  # outside the grid on every axis
     cfg = SearchConfig(objective=bowl, rounds=3)
     res = run_search(_ids(tmp_path, ["a"]), tmp_path / "s", cfg, progress=False)
     w1, sa, sb = np.array(bowl.calls).T
-    assert w1.min() >= 5 and w1.max() <= 10
-    assert sa.min() >= 50 and sa.max() <= 100
-    assert sb.min() >= 3 and sb.max() <= 10
-    assert (res.best.w1, res.best.sigma_alpha, res.best.sigma_beta) == (10.0, 50.0, 10.0)
-    assert len(bowl.calls) == len(set(bowl.calls))  # nothing evaluated twice
+    assert w1.max() > max(cfg.w1) and sa.min() < min(cfg.sigma_alpha) and sb.max() > max(cfg.sigma_beta)
+    # coarse best (10, 50, 10); rounds of steps (2.5, 5, 0.5), (1.25, 2.5, 0.25), (0.625, 1.25, 0.125)
+    bests = [(10.0, 50.0, 10.0), (12.5, 45.0, 10.5), (13.75, 42.5, 10.75)]
+    assert (res.best.w1, res.best.sigma_alpha, res.best.sigma_beta) == (13.75, 41.25, 10.875)
+    assert len(bowl.calls) == len(set(bowl.calls)) == _expected_calls(cfg, bests) == 96 + 3 * 26
+    # better than anything inside the coarse bounds (whose best is the corner bests[0])
+    assert res.best_objective > Bowl(bowl.optimum)(CRFParams(*bests[0]))
+    assert all(p >= 0 for p in w1) and sa.min() > 0 and sb.min() > 0
+
+
+def test_search_near_the_domain_edge_evaluates_only_valid_configurations(tmp_path):
+    # a coarse grid against the domain's edge and an optimum beyond it: the round-1 steps (2, 10, 2) would
+    # take w1 below 0 and both sigmas below 0; those values are dropped (2 x 2 x 2 around the best)
+    bowl = Bowl((-5.0, -100.0, -5.0))
+    cfg = SearchConfig(w1=[0, 4], sigma_alpha=[1, 21], sigma_beta=[0.5, 4.5], objective=bowl, rounds=2)
+    res = run_search(_ids(tmp_path, ["a"]), tmp_path / "s", cfg, progress=False)
+    w1, sa, sb = np.array(bowl.calls).T
+    assert w1.min() >= 0 and sa.min() > 0 and sb.min() > 0
+    assert len(bowl.calls) == len(set(bowl.calls))
+    assert _axes(cfg.refine(CRFParams(0, 1, 0.5), 1)) == ([0.0, 2.0], [1.0, 11.0], [0.5, 2.5])
+    # round 2 (steps 1, 5, 1) around the same best: 2 x 2 x 2 again, (1, 6, 1.5) new on every axis
+    assert (res.best.w1, res.best.sigma_alpha, res.best.sigma_beta) == (0.0, 1.0, 0.5)
+    assert len(bowl.calls) == _expected_calls(cfg, [(0, 1, 0.5), (0, 1, 0.5)]) == 8 + 7 + 7
 
 
 def test_resume_after_a_kill_redoes_only_the_torn_configuration(tmp_path):

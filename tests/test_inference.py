@@ -80,3 +80,46 @@ def test_multiscale_flip_is_mean_of_individual_passes():
     assert torch.allclose(torch.from_numpy(ms.scores).exp(), mean, atol=1e-5)
     # and it differs from a single pass (the averaging did something)
     assert not torch.allclose(torch.softmax(single.upsampled(), 0), mean, atol=1e-3)
+
+
+def test_offset_is_the_test_nets_padding_crop():
+    """DeepLab's test.prototxt: INTERP x8 (67 -> 529) then PADDING pad_beg -7 / pad_end -8 (-> 514)."""
+    scores = torch.randn(2, 67, 67)
+    full = torch.nn.functional.interpolate(scores[None], size=(529, 529), mode="bilinear", align_corners=True)[0]
+    up = upsample_scores(scores, 8, 514, 514, offset=7)
+    assert torch.allclose(up, full[:, 7:521, 7:521], atol=1e-5)
+    assert torch.allclose(up[:, 1::8, 1::8], scores[:, 1:66, 1:66], atol=1e-5)  # score k on pixel 8k - 7
+    h, w = 375, 500
+    kept = scores[:, :kept_size(h, 8, 7), :kept_size(w, 8, 7)]
+    assert kept.shape[-2:] == (49, 65)  # ceil((size - 1 + 7) / 8) + 1
+    assert torch.allclose(upsample_scores(kept, 8, h, w, offset=7), full[:, 7:7 + h, 7:7 + w], atol=1e-5)
+    sm = ScoreMap(kept.numpy(), 8, h, w, offset=7)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        sm.save(Path(d) / "s.npz")
+        back = ScoreMap.load(Path(d) / "s.npz")
+    assert back.offset == 7 and torch.allclose(back.upsampled(), sm.upsampled(), atol=2e-2)
+
+
+def test_predict_runs_the_test_net_with_its_geometry():
+    import dataclasses
+
+    from deeplab_v1.models.vgg import SPECS, DeepLabVGG
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (50, 61, 3), dtype=np.uint8)
+    for name, stride, offset in (("deeplab", 8, 7), ("deeplab-largefov", 8, 0), ("deeplab-msc-largefov", 1, 0)):
+        model = DeepLabVGG(dataclasses.replace(SPECS[name], fc_channels=8), num_classes=3).eval()
+        size = 66 if name == "deeplab" else 65
+        sm = predict(model, image, size=size)
+        assert (sm.stride, sm.offset) == (stride, offset), name
+        assert sm.scores.shape == (3, kept_size(50, stride, offset), kept_size(61, stride, offset)), name
+        from deeplab_v1.data.transforms import image_to_tensor, pad_to
+
+        with torch.no_grad():
+            ref = model.test_net(image_to_tensor(pad_to(image, None, size)[0])[None])[0]
+        assert torch.allclose(torch.from_numpy(sm.scores), ref[:, :sm.scores.shape[1], :sm.scores.shape[2]]), name
+        assert sm.upsampled().shape == (3, 50, 61)

@@ -133,3 +133,34 @@ def test_hole_algorithm_is_exact(base):
     # and the dense map really is denser: positions between the samples carry other values
     assert not torch.allclose(dense[..., 4::8, 4::8][..., : strided.shape[-2] - 1, : strided.shape[-1] - 1],
                               strided[..., :-1, :-1])
+
+
+@pytest.mark.parametrize("name,size,out,stride,offset", [("deeplab", 514, 67, 8, 7), ("deeplab-4x4", 514, 67, 8, 7),
+                                                         ("deeplab-largefov", 513, 65, 8, 0),
+                                                         ("deeplab-msc", 513, 513, 1, 0)])
+def test_test_net_sizes_match_test_prototxt(name, size, out, stride, offset):
+    """test.prototxt: DeepLab pads pool4 by 1 (514 -> 67 cells, the training net gives 65), the MSc nets
+    fuse their branches at full resolution."""
+    spec = dataclasses.replace(SPECS[name], fc_channels=8)
+    model = DeepLabVGG(spec, num_classes=2).eval()
+    with torch.no_grad():
+        assert tuple(model.test_net(torch.zeros(1, 3, size, size)).shape) == (1, 2, out, out)
+        train_out = model(torch.zeros(1, 3, size, size)).shape[-1]
+    assert (model.test_stride, model.test_offset) == (stride, offset)
+    assert train_out == (65 if spec.pool_kernel == 2 else score_size(name, size))
+
+
+def test_msc_branch_fillers_follow_train_prototxt():
+    """DeepLab-MSc*/train.prototxt: *_conv and *_fc std 0.001, pool4_fc 0.005, *_ms 0.01, pool3_ms no
+    filler (constant 0); biases constant 0; fc8 std 0.01."""
+    torch.manual_seed(0)
+    model = build_model("deeplab-msc-largefov")
+    for branch in ("data", "pool1", "pool2", "pool3", "pool4"):
+        for part in ("conv", "fc", "ms"):
+            layer = model.caffe_layer(f"{branch}_{part}")
+            expect = {"conv": 0.001, "fc": 0.005 if branch == "pool4" else 0.001, "ms": 0.0 if branch == "pool3" else 0.01}[part]
+            std = layer.weight.std().item()
+            assert abs(std - expect) <= 0.1 * expect + (0 if expect else 0.0), (branch, part, std)
+            assert (layer.bias == 0).all()
+    assert (model.caffe_layer("pool3_ms").weight == 0).all()
+    assert abs(model.fc8.weight.std().item() - 0.01) < 0.001

@@ -172,3 +172,34 @@ def test_experiment_runs_from_a_converted_init(tmp_path):
     with torch.no_grad():
         direct = predict(model.eval(), read_image(sample.image), size=513)
     assert np.allclose(scores["largefov.pth"].astype(np.float32), direct.scores, atol=2e-2 * np.abs(direct.scores).max())
+
+
+def test_msc_largefov_from_a_largefov_checkpoint_trains_only_the_branches(tmp_path):
+    """The release's MSc protocol (DeepLab-MSc-LargeFOV/train.prototxt, paper Sec. 4.3) as the shipped
+    experiment encodes it: init from a trained LargeFOV, the branches start new (no flag), conv1_1 ... fc8
+    stay bit-identical (blobs_lr 0) while every branch layer learns."""
+    from deeplab_v1.engine.checkpoint import load_checkpoint
+    from deeplab_v1.models import build_model
+
+    torch.manual_seed(5)
+    largefov = build_model("deeplab-largefov")
+    init = tmp_path / "largefov.pth"
+    torch.save({"model": "deeplab-largefov", "state_dict": largefov.state_dict()}, init)
+    cfg = load_config(REPO / "experiments" / "voc12-deeplab-msc-largefov.yaml", [
+        f"model.init={init}", f"data.root={REPO / 'experiments' / 'sample' / 'VOC2012'}", "data.train_list=train",
+        "data.test_list=val", "train.iterations=3", "train.batch_size=2", "train.crop_size=161",
+        "train.base_lr=0.01", "train.checkpoint_every=3", "stages=[train]", f"output_dir={tmp_path / 'run'}",
+    ])
+    Runner(cfg, progress=False).run()
+    trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "final.pth")["state_dict"]
+    init_sd = largefov.state_dict()
+    trunk = [k for k in trained if not k.startswith("msc.")]
+    assert set(trunk) == set(init_sd) - {k for k in init_sd if k.startswith("msc.")}
+    for k in trunk:
+        assert torch.equal(trained[k], init_sd[k]), f"{k} changed: the trunk must stay frozen"
+    changed = [k for k in trained if k.startswith("msc.") and k.endswith("weight")]
+    assert len(changed) == 15
+    torch.manual_seed(cfg.seed)
+    fresh = build_model("deeplab-msc-largefov").state_dict()  # the branches' fillers, as the run drew them
+    for k in changed:
+        assert not torch.equal(trained[k], fresh[k]), f"{k} did not learn"

@@ -38,6 +38,30 @@ def test_multipliers_follow_train_prototxt():
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 
+def test_lr_mult_patterns_override_freeze_and_first_match_wins():
+    model = build_model("deeplab-msc")
+    lr_mult = {"conv*": [0, 0], "fc8": [1, 2], "pool4_fc": [3, 0], "*_fc": [1, 2], "*": [0.5, 0]}
+    groups = caffe_param_groups(model, base_lr=0.001, weight_decay=0.0005, lr_mult=lr_mult)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expect = {"fc8.weight": 0.001, "fc8.bias": 0.002, "msc.pool4.fc.weight": 0.003, "msc.pool1.fc.bias": 0.002,
+              "fc6.weight": 0.0005, "msc.data.ms.weight": 0.0005}
+    for name, lr in expect.items():
+        assert by_param[id(named[name])]["lr"] == pytest.approx(lr), name
+    # multiplier 0: out of the optimizer and no gradient (Caffe blobs_lr 0), both blobs of conv*; pool4_fc's bias
+    frozen = {n for n, p in named.items() if not p.requires_grad}
+    assert frozen == {f"conv{b}_{i}.{k}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1)
+                      for k in ("weight", "bias")} | {"msc.pool4.fc.bias", "fc6.bias", "fc7.bias",
+                                                      "msc.data.conv.bias", "msc.pool1.conv.bias",
+                                                      "msc.pool2.conv.bias", "msc.pool3.conv.bias",
+                                                      "msc.pool4.conv.bias", "msc.data.ms.bias",
+                                                      "msc.pool1.ms.bias", "msc.pool2.ms.bias",
+                                                      "msc.pool3.ms.bias", "msc.pool4.ms.bias"}
+    assert not any(id(named[n]) in by_param for n in frozen)
+    # the decay multipliers stay Caffe's: weights x1, biases 0
+    assert by_param[id(named["msc.pool4.fc.weight"])]["weight_decay"] == pytest.approx(0.0005)
+
+
 def test_caffe_momentum_form_differs_from_torch_at_lr_change():
     w0 = torch.tensor([1.0, -2.0])
     grads = [torch.tensor([0.5, 0.25]), torch.tensor([-1.0, 0.5]), torch.tensor([0.2, 0.2])]

@@ -399,10 +399,19 @@ def test_shape_mismatch_missing_layer_and_class_count(tmp_path):
     report = load_init(dst, "deeplab-largefov", good, num_classes=3, reinit_fc8=True)
     assert report.new == ["fc8"] and report.unused == ["fc8_voc12"] and torch.equal(dst.fc8.weight, fc8_before)
     assert torch.equal(dst.fc7.weight, src.fc7.weight)
-    # a LargeFOV model as init of MSc-LargeFOV: the branches are missing unless allowed
+    # a trained LargeFOV as init of MSc-LargeFOV (the release's MSc protocol): the branches start new with no
+    # flag, keeping their fillers, and every trunk layer comes from the file
     msc = _small("deeplab-msc-largefov", num_classes=5)
-    with pytest.raises(WeightsError, match="data_conv"):
-        load_init(msc, "deeplab-msc-largefov", good, num_classes=5)
+    branch_before = msc.caffe_layer("pool2_fc").weight.clone()
+    report = load_init(msc, "deeplab-msc-largefov", good, num_classes=5)
+    assert len(report.new) == 15 and set(report.new) == {f"{b}_{p}" for b in ("data", "pool1", "pool2", "pool3", "pool4")
+                                                         for p in ("conv", "fc", "ms")}
+    assert "msc" in report.notes and torch.equal(msc.conv5_3.weight, src.conv5_3.weight)
+    assert torch.equal(msc.fc8.weight, src.fc8.weight) and torch.equal(msc.caffe_layer("pool2_fc").weight, branch_before)
+    # a file with some branch layers but not all is not a single-scale net: the missing ones are an error
+    partial = write_caffemodel(tmp_path / "partial.caffemodel", model_to_caffe_layers(msc)[:-1])
+    with pytest.raises(WeightsError, match=r"missing from the file: \['pool4_ms'\]"):
+        load_init(_small("deeplab-msc-largefov", num_classes=5), "deeplab-msc-largefov", partial, num_classes=5)
     report = load_init(msc, "deeplab-msc-largefov", good, num_classes=5, allow_new=["msc"])
     assert len(report.new) == 15 and torch.equal(msc.conv5_3.weight, src.conv5_3.weight)
     with pytest.raises(WeightsError, match="is not a layer"):

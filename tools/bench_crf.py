@@ -4,10 +4,11 @@ Measures, for 500x375 images with 21 labels and 10 mean-field iterations:
 
 * single-image inference: ms per image for pydensecrf (C++, one thread), torch on CPU (all threads)
   and torch on CUDA (the CUDA rows are skipped with a note when ``torch.cuda.is_available()`` is False);
-* a cross-validation grid (DeepLab v1 Sec. 5: w1 in 5..10, sigma_alpha in 50:10:100, sigma_beta in
-  3:1:10, i.e. 6 x 48 = 288 configurations), as the search stage runs it: configurations x images per
-  second for pydensecrf in one process, pydensecrf in one process per core (the search's default, every
-  configuration from scratch), and torch (a lattice per (sigma_alpha, sigma_beta) shared by the 6 w1
+* the cross-validation grid of ``crf.search.SearchConfig()`` (DeepLab v1 Sec. 5, MATLAB notation: w1 in
+  [5, 10], i.e. the two values 5 and 10, sigma_alpha in [50:10:100], sigma_beta in [3:1:10], i.e.
+  2 x 48 = 96 configurations), as the search stage runs it: configurations x images per second for
+  pydensecrf in one process, pydensecrf in one process per core (the search's default, every
+  configuration from scratch), and torch (a lattice per (sigma_alpha, sigma_beta) shared by the w1
   values, which run as channels; the Gaussian lattice shared by all; labels only, as the search takes
   them). A subset of the 48 (sigma_alpha, sigma_beta) pairs is run and the full grid's time is
   extrapolated.
@@ -36,9 +37,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from crf.search import SearchConfig  # noqa: E402
+
 HEIGHT, WIDTH, LABELS, ITERATIONS = 375, 500, 21, 10
-W1_VALUES = (5, 6, 7, 8, 9, 10)
-PAIRS = [(sa, sb) for sa in range(50, 101, 10) for sb in range(3, 11)]  # 48 (sigma_alpha, sigma_beta)
+_GRID = SearchConfig()  # the search's default coarse grid (paper Sec. 5): 2 x 6 x 8 = 96 configurations
+W1_VALUES = tuple(_GRID.w1)
+PAIRS = [(sa, sb) for sa in _GRID.sigma_alpha for sb in _GRID.sigma_beta]  # 48 (sigma_alpha, sigma_beta)
 
 
 def _softmax(logits: np.ndarray, axis: int) -> np.ndarray:
@@ -271,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{vs_one:>9} {vs_best:>12}")
         if mode == "grid":
             full = len(W1_VALUES) * len(PAIRS) * args.images / rate
-            notes.append(f"{backend} {label}: the full 288-configuration grid on {args.images} image(s) "
-                         f"~ {full:.0f} s (extrapolated)")
+            notes.append(f"{backend} {label}: the full {len(W1_VALUES) * len(PAIRS)}-configuration grid on "
+                         f"{args.images} image(s) ~ {full:.0f} s (extrapolated)")
     lines.append("# unit = one image (single) or one configuration x image (grid); peak MB = peak RSS of the "
                  "process or largest worker (CPU), torch.cuda.max_memory_allocated (CUDA); 'vs all cores' = "
                  "vs the fastest pydensecrf row of the mode")

@@ -86,7 +86,7 @@ def make_samples(folder: Path, n: int, voc_root: Path | None) -> list[Path]:
 
 
 def pick_configs(n: int) -> SearchConfig:
-    """About ``n`` configurations spread over the paper's coarse grid (w1 5..10, sigma_alpha 50..100,
+    """About ``n`` configurations spread over the paper's coarse grid (w1 {5, 10}, sigma_alpha 50..100,
     sigma_beta 3..10): the grid's corners in w1 x sigma_alpha times ceil(n / 4) sigma_beta values."""
     if n <= 2:
         return SearchConfig(w1=[5.0, 10.0][:n], sigma_alpha=[50.0], sigma_beta=[5.0], rounds=0)

@@ -4,8 +4,9 @@ Facts implemented here (deeplab-public ``train.prototxt`` / ``test.prototxt``):
 
 - images are BGR 0..255 with the per-channel mean (B, G, R) = (104.008, 116.669, 122.675) subtracted and
   no scaling;
-- an image smaller than the crop is padded at the bottom and the right, the image with the mean colour (so
-  about 0 after the mean subtraction), the label with 255 (ignored);
+- an image smaller than the crop is padded at the bottom and the right, the image with the mean colour
+  after conversion to floating point (so exactly 0 after the mean subtraction), the label with 255
+  (ignored);
 - training takes a uniform random crop and a random horizontal mirror; test takes the padded image whole;
 - the label map is shrunk to the score map's size by ``INTERP`` with ``shrink_factor: 8`` (``pad_beg: -1``
   for the 306 crop of ``DeepLab``).
@@ -41,9 +42,10 @@ def _check_pair(image: np.ndarray, label: np.ndarray | None) -> None:
 def pad_to(image: np.ndarray, label: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Pad at the bottom and the right to at least ``size`` x ``size`` pixels (no-op if already as large).
 
-    The image is padded with the mean colour: for a uint8 image this is the mean rounded to integers (104,
-    117, 123), which is what Caffe's ``cv::copyMakeBorder`` with a ``cv::Scalar`` of the mean stores in its
-    8-bit image; a float image gets the exact mean. The label is padded with 255 (ignored).
+    The release's data layer converts the image to floating point before ``cv::copyMakeBorder`` pads it
+    with the mean (``DEEPLAB_V1_FACTS``: "so 0 after mean subtraction"), so a padded image comes back as
+    float32 with the exact mean (104.008, 116.669, 122.675) in the border, never the rounded (104, 117,
+    123) an 8-bit border would hold. The label is padded with 255 (ignored).
 
     Args:
         image: (H, W, 3) BGR, uint8 0..255 (or float).
@@ -51,7 +53,8 @@ def pad_to(image: np.ndarray, label: np.ndarray | None, size: int) -> tuple[np.n
         size: the minimum height and width in pixels.
 
     Returns:
-        (image (H', W', 3), label (H', W') or None) with H' = max(H, size), W' = max(W, size).
+        (image (H', W', 3), label (H', W') or None) with H' = max(H, size), W' = max(W, size); the image is
+        float32 when it was padded, else returned as given.
 
     Raises:
         DataError: image and label sizes differ.
@@ -61,10 +64,8 @@ def pad_to(image: np.ndarray, label: np.ndarray | None, size: int) -> tuple[np.n
     ph, pw = max(0, size - h), max(0, size - w)
     if ph == 0 and pw == 0:
         return image, label
-    fill = [float(v) for v in MEAN_BGR]
-    if image.dtype == np.uint8:
-        fill = [float(round(v)) for v in MEAN_BGR]
-    image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=fill)
+    image = cv2.copyMakeBorder(image.astype(np.float32, copy=False), 0, ph, 0, pw, cv2.BORDER_CONSTANT,
+                               value=[float(v) for v in MEAN_BGR])
     if label is not None:
         label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=IGNORE_LABEL)
     return image, label
@@ -86,7 +87,8 @@ def random_crop_mirror(image: np.ndarray, label: np.ndarray | None, crop: int, r
         mirror: allow the horizontal flip.
 
     Returns:
-        (image (crop, crop, 3), label (crop, crop) or None), C-contiguous.
+        (image (crop, crop, 3) (float32 when padded, see ``pad_to``), label (crop, crop) or None),
+        C-contiguous.
 
     Raises:
         DataError: image and label sizes differ.

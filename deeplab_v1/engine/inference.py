@@ -1,14 +1,18 @@
-"""Test-time inference: pad, forward, keep the stride-8 scores, upsample x8 as Caffe's INTERP layer.
+"""Test-time inference: pad, run the test net, keep its scores, upsample x8 as Caffe's INTERP layer.
 
 Source: the release's ``test.prototxt``: the image is padded at the bottom/right to 513 (514 for
-``DeepLab``) with the mean colour, fc8 is computed, upsampled by ``INTERP zoom_factor: 8`` (bilinear,
-corner-aligned: 65 -> (65 - 1) * 8 + 1 = 513) and cropped to the image. We keep the raw fc8 scores at
-output_stride (compact, float16, one file per image) and upsample when they are used, which gives the same
-numbers as upsampling first.
+``DeepLab``) with the mean colour (0 after mean subtraction), the test net is run, fc8 is upsampled by
+``INTERP zoom_factor: 8`` (bilinear, corner-aligned: 65 -> (65 - 1) * 8 + 1 = 513), cropped by
+``fc8_crop`` (DeepLab / 7x7 / 4x4: PADDING -7 / -8, 67 -> 529 -> 514) and cropped to the image. For the
+single-scale nets we keep the raw fc8 scores at stride 8 (compact, float16, one file per image) and
+upsample when they are used, which gives the same numbers as upsampling first. The MSc test nets sum
+branches upsampled by x1, x2, x4 and x8 (``fc_fusion``), so their scores are kept at stride 1: the
+release's resolution, which the CRF and the evaluation need.
 
 Score cache file (``.npz``): ``scores`` float16 (C, h, w); ``stride`` (int, pixels per score step; 1 when
-the scores are already at image resolution, as for multi-scale inference); ``height``, ``width`` (the
-image size in pixels); ``source`` (``network`` or ``degraded-gt``).
+the scores are already at image resolution, as for MSc or multi-scale inference); ``offset`` (pixels the
+upsampled map is cropped by at the top/left: 7 for DeepLab / 7x7 / 4x4, else 0; absent in older files:
+0); ``height``, ``width`` (the image size in pixels); ``source`` (``network`` or ``degraded-gt``).
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ from ..data.transforms import MEAN_BGR, image_to_tensor, pad_to
 from ..atomic import atomic_write_bytes
 
 
-def upsample_scores(scores: np.ndarray | torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
-    """Caffe INTERP ``zoom_factor: stride`` then crop to the image.
+def upsample_scores(scores: np.ndarray | torch.Tensor, stride: int, height: int, width: int,
+                    offset: int = 0) -> torch.Tensor:
+    """Caffe INTERP ``zoom_factor: stride``, crop ``offset`` pixels at the top/left (the test net's
+    PADDING layer), then crop to the image.
 
     Args:
-        scores: (C, h, w) scores at ``stride`` pixels per step (score k <-> pixel stride * k).
+        scores: (C, h, w) scores at ``stride`` pixels per step (score k <-> pixel stride * k - offset).
         stride: the zoom factor (8 for v1), 1 for scores already at image resolution.
-        height, width: image size in pixels; must satisfy (h - 1) * stride + 1 >= height (same for w).
+        height, width: image size in pixels; must satisfy (h - 1) * stride + 1 - offset >= height (same
+            for w).
+        offset: pixels cropped at the top and the left after the zoom (7 for DeepLab's ``fc8_crop``).
 
     Returns:
         (C, height, width) float32 tensor.
@@ -46,19 +54,28 @@ def upsample_scores(scores: np.ndarray | torch.Tensor, stride: int, height: int,
     if t.ndim != 3:
         raise ValueError(f"scores must be (C, h, w), got shape {tuple(t.shape)}")
     c, h, w = t.shape
-    out_h, out_w = (h - 1) * stride + 1, (w - 1) * stride + 1
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0 pixels, got {offset}")
+    out_h, out_w = (h - 1) * stride + 1 - offset, (w - 1) * stride + 1 - offset
     if out_h < height or out_w < width:
         raise ValueError(
-            f"scores of size {h}x{w} at stride {stride} cover {out_h}x{out_w} pixels, less than the image {height}x{width}"
+            f"scores of size {h}x{w} at stride {stride} (offset {offset}) cover {out_h}x{out_w} pixels, less than "
+            f"the image {height}x{width}"
         )
     if stride != 1:
-        t = F.interpolate(t[None], size=(out_h, out_w), mode="bilinear", align_corners=True)[0]
-    return t[:, :height, :width].contiguous()
+        # only the rows/columns that cover the image are interpolated (the same numbers: each output
+        # pixel depends on its two neighbouring scores only)
+        t = t[:, : kept_size(height, stride, offset), : kept_size(width, stride, offset)]
+        h, w = t.shape[-2:]
+        t = F.interpolate(t[None], size=((h - 1) * stride + 1, (w - 1) * stride + 1), mode="bilinear",
+                          align_corners=True)[0]
+    return t[:, offset:offset + height, offset:offset + width].contiguous()
 
 
-def kept_size(size: int, stride: int) -> int:
-    """Score rows (or columns) needed to cover ``size`` pixels: ceil((size - 1) / stride) + 1."""
-    return -(-(size - 1) // stride) + 1
+def kept_size(size: int, stride: int, offset: int = 0) -> int:
+    """Score rows (or columns) needed to cover ``size`` pixels from pixel ``offset`` of the zoomed map:
+    ceil((size - 1 + offset) / stride) + 1."""
+    return -(-(size - 1 + offset) // stride) + 1
 
 
 @dataclass
@@ -70,10 +87,11 @@ class ScoreMap:
     height: int
     width: int
     source: str = "network"
+    offset: int = 0
 
     def upsampled(self) -> torch.Tensor:
         """(C, height, width) float32 scores at image resolution."""
-        return upsample_scores(self.scores, self.stride, self.height, self.width)
+        return upsample_scores(self.scores, self.stride, self.height, self.width, self.offset)
 
     def save(self, path: Path) -> None:
         """Write as ``.npz`` atomically: float16 scores, or float32 where a score exceeds float16's range
@@ -82,7 +100,7 @@ class ScoreMap:
         buf = io.BytesIO()
         np.savez_compressed(
             buf, scores=self.scores.astype(np.float16 if finite16 else np.float32), stride=self.stride, height=self.height, width=self.width,
-            source=self.source,
+            source=self.source, offset=self.offset,
         )
         atomic_write_bytes(Path(path), buf.getvalue())
 
@@ -95,23 +113,45 @@ class ScoreMap:
         """
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(z["scores"], int(z["stride"]), int(z["height"]), int(z["width"]), str(z["source"]))
+                offset = int(z["offset"]) if "offset" in z.files else 0
+                return cls(z["scores"], int(z["stride"]), int(z["height"]), int(z["width"]), str(z["source"]), offset)
         except Exception as exc:
             raise ValueError(f"{path}: not a readable score cache ({exc})") from exc
 
 
-def _forward_padded(model: nn.Module, image: np.ndarray, size: int, stride: int, device: torch.device) -> torch.Tensor:
-    """Pad (bottom/right, mean colour) to at least ``size`` (and to a whole number of strides + 1 for larger
-    images), forward, and keep the rows/cols covering the image: (C, kh, kw)."""
+def test_geometry(model: nn.Module) -> tuple[int, int]:
+    """(stride, offset) of the scores ``run_test_net`` gives: the v1 models' ``test_stride`` /
+    ``test_offset`` (see ``DeepLabVGG.test_net``), else (``output_stride``, 0)."""
+    stride = int(getattr(model, "test_stride", getattr(model, "output_stride", 8)))
+    return stride, int(getattr(model, "test_offset", 0))
+
+
+def run_test_net(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's test net on (N, 3, H, W) mean-subtracted BGR: ``model.test_net`` for the v1 models (the
+    release's ``test.prototxt``), ``model(x)`` for the others."""
+    test_net = getattr(model, "test_net", None)
+    return test_net(x) if callable(test_net) else model(x)
+
+
+def padded_size(height: int, width: int, size: int, multiple: int = 8) -> int:
+    """Side the test input is padded to: ``size`` (513; 514 for DeepLab), or for a larger image the
+    smallest ``size + multiple * k`` that holds it (so the release's 8k + 1 / 16k + 2 alignment holds)."""
+    side = max(height, width)
+    return size if side <= size else size + multiple * -(-(side - size) // multiple)
+
+
+def _forward_padded(model: nn.Module, image: np.ndarray, size: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """Pad (bottom/right, mean colour) to ``padded_size``, run the test net, and keep the rows/cols
+    covering the image: ((C, kh, kw) scores, stride, offset)."""
     h, w = image.shape[:2]
-    target = max(size, (kept_size(max(h, w), stride) - 1) * stride + 1)
-    padded, _ = pad_to(image, None, target)
+    stride, offset = test_geometry(model)
+    padded, _ = pad_to(image, None, padded_size(h, w, size, int(getattr(model, "output_stride", 8))))
     x = image_to_tensor(padded)[None].to(device)
-    out = model(x)[0]
-    kh, kw = kept_size(h, stride), kept_size(w, stride)
+    out = run_test_net(model, x)[0]
+    kh, kw = kept_size(h, stride, offset), kept_size(w, stride, offset)
     if out.shape[-2] < kh or out.shape[-1] < kw:
         raise ValueError(f"model output {tuple(out.shape[-2:])} does not cover the image {h}x{w} at stride {stride}")
-    return out[:, :kh, :kw].float().cpu()
+    return out[:, :kh, :kw].float().cpu(), stride, offset
 
 
 @torch.no_grad()
@@ -119,7 +159,8 @@ def predict(model: nn.Module, image_bgr: np.ndarray, *, size: int, scales: Seque
             flip: bool = False, device: torch.device | str = "cpu") -> ScoreMap:
     """Scores of one image.
 
-    Single scale, no flip (v1, the release): the raw fc8 scores at the model's ``output_stride``.
+    Single scale, no flip (v1, the release): the test net's scores (``DeepLabVGG.test_net``): raw fc8 at
+    stride 8 (with DeepLab's offset 7), or the MSc nets' fused scores at stride 1.
     Multi-scale and/or flip (v3 Sec. 4.3 / v3+ Sec. 4): for each scale and flip, the scores are upsampled to
     the image, turned into probabilities and averaged; the log of the average is kept at stride 1.
 
@@ -131,12 +172,11 @@ def predict(model: nn.Module, image_bgr: np.ndarray, *, size: int, scales: Seque
     Returns:
         ``ScoreMap`` (float32 scores).
     """
-    stride = int(getattr(model, "output_stride", 8))
     device = torch.device(device)
     h, w = image_bgr.shape[:2]
     if list(scales) == [1.0] and not flip:
-        scores = _forward_padded(model, image_bgr, size, stride, device)
-        return ScoreMap(scores.numpy(), stride, h, w)
+        scores, stride, offset = _forward_padded(model, image_bgr, size, device)
+        return ScoreMap(scores.numpy(), stride, h, w, offset=offset)
     total = None
     count = 0
     for s in scales:
@@ -146,8 +186,8 @@ def predict(model: nn.Module, image_bgr: np.ndarray, *, size: int, scales: Seque
         for flipped in ([False, True] if flip else [False]):
             x = img[:, ::-1].copy() if flipped else img
             sh, sw = x.shape[:2]
-            sc = _forward_padded(model, x, max(1, round(size * s)), stride, device)
-            up = upsample_scores(sc, stride, sh, sw)
+            sc, stride, offset = _forward_padded(model, x, max(1, round(size * s)), device)
+            up = upsample_scores(sc, stride, sh, sw, offset)
             if (sh, sw) != (h, w):
                 up = F.interpolate(up[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             if flipped:

@@ -12,31 +12,74 @@ with, which matters at each lr step), torch keeps ``v = momentum * v + grad``, `
 
 from __future__ import annotations
 
-from typing import Iterable
+import fnmatch
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 
+def layer_name_of(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> the layer name that ``lr_mult`` patterns match: the Caffe layer name for the v1
+    models (``conv1_1``, ``fc8``, ``pool3_ms`` ...; ``DeepLabVGG.caffe_layer_names``), else the module
+    path (``backbone.layer1.0.conv1``, ``aspp.project.0``)."""
+    out = {name: name.rsplit(".", 1)[0] for name, _ in model.named_parameters()}
+    if hasattr(model, "caffe_layer_names"):
+        prefix = {id(m): n for n, m in model.named_modules()}
+        for layer in model.caffe_layer_names():
+            mod = prefix[id(model.caffe_layer(layer))]
+            for pname, _ in model.caffe_layer(layer).named_parameters():
+                out[f"{mod}.{pname}"] = layer
+    return out
+
+
+def match_lr_mult(layer: str, lr_mult: Mapping[str, Sequence[float]]) -> Optional[tuple[float, float]]:
+    """The (weight, bias) multipliers of the first ``lr_mult`` pattern (``fnmatch`` glob, case-sensitive)
+    that matches ``layer``, or None."""
+    for pattern, mults in lr_mult.items():
+        if fnmatch.fnmatchcase(layer, pattern):
+            return float(mults[0]), float(mults[1])
+    return None
+
+
 def caffe_param_groups(
     model: nn.Module, base_lr: float, weight_decay: float, classifier_lr_mult: float = 10.0,
     classifier_prefixes: tuple[str, ...] = ("fc8", "msc.", "classifier", "aspp", "decoder"),
+    lr_mult: Optional[Mapping[str, Sequence[float]]] = None,
 ) -> list[dict]:
-    """Parameter groups with Caffe's multipliers: weights lr x1 decay x1, biases lr x2 decay 0, and the
-    newly initialised classifier layers (fc8 and the MSc branches in v1; the v3 heads) x``classifier_lr_mult``.
+    """Parameter groups with Caffe's multipliers (``blobs_lr`` and ``weight_decay`` of ``train.prototxt``).
+
+    Default: weights lr x1 decay x1, biases lr x2 decay 0, and the newly initialised classifier layers (fc8
+    and the MSc branches in v1; the v3 heads) x``classifier_lr_mult`` (the release's fc8 x10 / x20).
+
+    ``lr_mult`` (``train.lr_mult`` of an experiment) overrides that per layer group: an ordered mapping of
+    glob patterns over layer names (``layer_name_of``) to ``[weight, bias]`` multipliers, first match
+    wins; layers no pattern matches keep the default. A multiplier of 0 freezes that blob (Caffe
+    ``blobs_lr: 0``): it is left out of the groups and its ``requires_grad`` is switched off, so it stays
+    bit-identical. Example, the release's DeepLab-MSc-LargeFOV (``train.prototxt``)::
+
+        {"conv*": [0, 0], "fc*": [0, 0], "*_conv": [1, 2], "*_fc": [1, 2], "*_ms": [1, 2]}
 
     Each group carries ``lr_mult`` so the schedule can rescale it. BatchNorm parameters (v3) count as
     biases (no decay). Parameters with ``requires_grad=False`` are left out.
     """
+    names = layer_name_of(model)
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_bias = name.endswith(".bias") or p.ndim == 1
-        new_layer = name.startswith(classifier_prefixes) and not name.startswith("backbone")
-        lr_mult = (2.0 if is_bias else 1.0) * (classifier_lr_mult if new_layer else 1.0)
+        explicit = match_lr_mult(names[name], lr_mult) if lr_mult else None
+        if explicit is not None:
+            lr_mult_p = explicit[1] if is_bias else explicit[0]
+            if lr_mult_p == 0:
+                p.requires_grad_(False)
+                continue
+        else:
+            new_layer = name.startswith(classifier_prefixes) and not name.startswith("backbone")
+            lr_mult_p = (2.0 if is_bias else 1.0) * (classifier_lr_mult if new_layer else 1.0)
         decay_mult = 0.0 if is_bias else 1.0
-        groups.setdefault((lr_mult, decay_mult), []).append(p)
+        groups.setdefault((lr_mult_p, decay_mult), []).append(p)
     return [
         {"params": ps, "lr": base_lr * lr_mult, "lr_mult": lr_mult, "weight_decay": weight_decay * decay_mult}
         for (lr_mult, decay_mult), ps in sorted(groups.items())

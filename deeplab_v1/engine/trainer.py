@@ -46,6 +46,7 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0005
     classifier_lr_mult: float = 10.0
+    lr_mult: Optional[dict] = None
     label_mode: str = "shrink"
     label_pad_beg: int = 0
     mirror: bool = True
@@ -131,7 +132,7 @@ def train(
         num_classes=s.num_classes, scale_range=s.scale_range,
     )
     model.to(device)
-    groups = caffe_param_groups(model, s.base_lr, s.weight_decay, s.classifier_lr_mult)
+    groups = caffe_param_groups(model, s.base_lr, s.weight_decay, s.classifier_lr_mult, lr_mult=s.lr_mult)
     optimizer = CaffeSGD(groups, momentum=s.momentum)
     checkpoint_dir = Path(checkpoint_dir)
     start = 0

@@ -176,6 +176,19 @@ def _expand_allow_new(allow_new: Iterable[str], model: nn.Module, names: Sequenc
     return out
 
 
+def _msc_start_new(model: nn.Module, source_layers: set[str], report: "ConversionReport") -> list[str]:
+    """The MSc layers that start new because the source has none of them: the release's MSc protocol
+    (paper Sec. 4.3, ``DeepLab-MSc*/train.prototxt``) starts from a trained DeepLab / DeepLab-LargeFOV and
+    adds the five branches, so a single-scale source fills the trunk and the branches keep their fillers.
+    A source with some but not all branch layers gets no such pass (the missing ones are an error)."""
+    msc = _msc_layer_names(model)
+    if not msc or any(n in source_layers for n in msc):
+        return []
+    report.notes["msc"] = ("the source has no MSc branch: data_conv ... pool4_ms start new (the release's MSc "
+                           "protocol: branches added to a trained DeepLab)")
+    return msc
+
+
 def _looks_imagenet(sources: Mapping[str, SourceLayer], model: nn.Module) -> bool:
     if "fc6" in sources and sources["fc6"].type == "InnerProduct":
         return True
@@ -255,6 +268,7 @@ def map_source_layers(
         allowed.update(["fc8", *_msc_layer_names(model)])
     if reinit_fc8:
         allowed.add("fc8")
+    allowed.update(_msc_start_new(model, set(sources), report))
 
     fc8_candidates = [n for n in sources if n == "fc8" or n.startswith("fc8_")]
     consumed: set[str] = set()
@@ -395,6 +409,8 @@ def _map_state_dict(
     if reinit_fc8:
         allowed.add("fc8")
     report = ConversionReport(source=source, source_kind="checkpoint", model=model_name)
+    present_layers = {caffe[k.rsplit(".", 1)[0]] for k in sd if k.rsplit(".", 1)[0] in caffe}
+    allowed.update(_msc_start_new(model, present_layers, report))
     groups: dict[str, list[str]] = {}
     for key in model.state_dict():
         groups.setdefault(key.rsplit(".", 1)[0], []).append(key)
