@@ -4,36 +4,36 @@ This package never imports ``deeplab_v1``: it takes images and class probabiliti
 
 - ``CRFParams`` / ``RELEASE_LARGEFOV``: the parameters (``crf.params``).
 - ``dense_crf``, ``scores_to_probs``: inference on one image (``crf.dense``; backends ``pydensecrf``
-  and ``torch``).
-- ``CRFTask``, ``run_crf_many``: many images in worker processes, resumable (``crf.parallel``).
-- ``SearchConfig``, ``run_search``: the paper's coarse-to-fine parameter search (``crf.search``, Sec. 5).
-"""
+  and ``torch``, which share the input checks of ``crf.inputs``).
+- ``CRFTask``, ``run_crf_many``: many images in worker processes (``crf.pool``), resumable, reading CRF
+  input files (``crf.input_files``) (``crf.parallel``).
+- ``SearchConfig``, ``run_search``: the paper's coarse-to-fine parameter search on search input files
+  (``crf.search``, Sec. 5), scored with ``crf.confusion`` and ``crf.trimap``.
+- ``crf.atomic``: the atomic files every output of the distribution is written with.
 
-from importlib import import_module
+Floors, lowest first (a module imports only from floors below it): ``errors``, ``atomic``, ``params``,
+``inputs``, ``confusion``, ``trimap``, ``pool``, ``permutohedral``; ``input_files``, ``torch_backend``;
+``dense``; ``parallel``; ``search``.
+"""
 
 from .params import RELEASE_LARGEFOV, CRFParams
 
-# The other names load on first use (PEP 562): ``python -m crf.search`` (torchrun) must not find
-# crf.search already imported by the package, and ``import crf`` stays as light as crf.params.
-_LAZY = {
-    "dense_crf": "dense",
-    "scores_to_probs": "dense",
-    "CRFTask": "parallel",
-    "CRFRunSummary": "parallel",
-    "run_crf_many": "parallel",
-    "SearchConfig": "search",
-    "SearchResult": "search",
-    "run_search": "search",
-}
-
-__all__ = ["CRFParams", "RELEASE_LARGEFOV", *_LAZY]
+__all__ = ["CRFParams", "RELEASE_LARGEFOV", "dense_crf", "scores_to_probs", "CRFTask", "CRFRunSummary",
+           "run_crf_many", "SearchConfig", "SearchResult", "run_search"]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # The other names load on first use (PEP 562), so that ``import crf`` stays as light as crf.params.
+    if name in ("dense_crf", "scores_to_probs"):
+        from . import dense as module
+    elif name in ("CRFTask", "CRFRunSummary", "run_crf_many"):
+        from . import parallel as module
+    elif name in ("SearchConfig", "SearchResult", "run_search"):
+        from . import search as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(__all__))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense import PROB_EPSILON, check_inputs
+from .inputs import PROB_EPSILON, check_inputs
 from .params import CRFParams
 from .permutohedral import PermutohedralLattice, bilateral_features, gaussian_features
 
@@ -55,7 +55,7 @@ __all__ = [
     "dense_crf_tensor",
 ]
 
-# One unary convention for both backends: probabilities clipped at crf.dense.PROB_EPSILON before the log.
+# One unary convention for both backends: probabilities clipped at crf.inputs.PROB_EPSILON before the log.
 PROB_CLIP = PROB_EPSILON
 #: Default bound on the working memory of one inference call, in MiB (lattice filtering and the
 #: configurations' Q); larger problems run in chunks of channels and batches of configurations.
@@ -280,7 +280,7 @@ def mean_field(
 
 # ---------------------------------------------------------------------- numpy entry points
 def _checked(image: np.ndarray, probs: np.ndarray, where: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """The pydensecrf backend's input checks (``crf.dense.check_inputs``), the message prefixed with
+    """The pydensecrf backend's input checks (``crf.inputs.check_inputs``), the message prefixed with
     ``where`` (e.g. ``images[1]``) for batches; returns C-contiguous uint8 image and float32 probs."""
     try:
         return check_inputs(image, probs)

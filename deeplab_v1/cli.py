@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import STAGES, ConfigError, load_config
+from .config import STAGES, load_config
+from .errors import DeepLabError
 
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
 
@@ -72,25 +73,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if getattr(args, "device", None):
         section = "crf_search" if args.command == "crf-search" else "crf"
         overrides.append(f"{section}.device={args.device}")
-    from .runner import Runner, StageError
-    from .data.io import DataError
+    from .runner import Runner
 
     try:
         cfg = load_config(experiment, overrides)
         if args.command == "run":
-            runner = Runner(cfg, progress=not args.no_progress, redo=args.redo)
-            runner.run()
-        else:
+            Runner(cfg, progress=not args.no_progress, redo=args.redo).run()
+        else:  # one stage; --redo reruns this stage alone, not the ones after it
             stage = args.command.replace("-", "_")
-            runner = Runner(cfg, progress=not args.no_progress, redo=[stage] if args.redo else [])
-            if args.redo:  # only this stage, not the ones after it
-                runner.redo = set()
-                rec = runner._record_path(stage)
-                if rec.is_file():
-                    rec.unlink()
-                    runner._clear(stage)
-            runner.run([stage])
-    except (ConfigError, StageError, DataError, FloatingPointError) as exc:
+            Runner(cfg, progress=not args.no_progress, redo_only=[stage] if args.redo else []).run([stage])
+    except DeepLabError as exc:
         print(f"deeplab: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -17,10 +17,15 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from crf import CRFParams
+from crf.params import RELEASE_LARGEFOV
 from crf.search import SearchConfig
 
+from .errors import DeepLabError
+from .experiment_files import ExperimentFileError, read_experiment
 
-class ConfigError(ValueError):
+
+class ConfigError(DeepLabError, ValueError):
     """An invalid experiment configuration; the message names the file and the key."""
 
 
@@ -128,15 +133,14 @@ class TestConfig:
 class CRFConfig:
     """``crf:`` section: the fully connected CRF (paper Sec. 4.2) run on every test image.
 
-    ``params`` default to the release's LargeFOV ``run_densecrf.sh`` values (w1 4, sigma_alpha 49,
-    sigma_beta 5, w2 3, sigma_gamma 3, 10 iterations). When ``use_search`` is true and the run's
-    ``crf_search`` stage has found best parameters, those are used instead (the report says which).
+    ``params`` (``crf.CRFParams``; in YAML a mapping, keys left out keep these values) default to the
+    release's LargeFOV ``run_densecrf.sh`` values (w1 4, sigma_alpha 49, sigma_beta 5, w2 3, sigma_gamma 3,
+    10 iterations). When ``use_search`` is true and the run's ``crf_search`` stage has found best
+    parameters, those are used instead (the report says which).
     """
 
     enabled: bool = True
-    params: dict[str, Any] = field(
-        default_factory=lambda: {"w1": 4.0, "sigma_alpha": 49.0, "sigma_beta": 5.0, "w2": 3.0, "sigma_gamma": 3.0, "iterations": 10}
-    )
+    params: CRFParams = RELEASE_LARGEFOV
     use_search: bool = True
     backend: Literal["pydensecrf", "torch"] = "pydensecrf"
     device: Literal["cpu", "cuda"] = "cpu"
@@ -148,25 +152,24 @@ class CRFSearchConfig:
     """``crf_search:`` section: the paper's coarse-to-fine cross-validation of w1, sigma_alpha, sigma_beta
     (Sec. 5: w2 = 3, sigma_gamma = 3 fixed; w1 in [5, 10], sigma_alpha in [50:10:100], sigma_beta in
     [3:1:10]; 100 val images drawn with a fixed seed).
+
+    The stage's own keys are ``enabled``, ``num_images`` and ``seed`` (which images); every other key of
+    the section is a field of ``crf.search.SearchConfig`` (``w1``, ``sigma_alpha``, ``sigma_beta``,
+    ``w2``, ``sigma_gamma``, ``iterations``, ``rounds``, ``shrink``, ``objective`` (``miou`` or
+    ``trimap_miou``), ``trimap_width``, ``backend``, ``device``, ``workers``), checked by it and kept as
+    ``search``: the one definition of the search's configuration.
     """
 
     enabled: bool = False
     num_images: int = 100
     seed: int = 0
-    # the paper's coarse grid, as crf.search defines it
-    w1: list[float] = field(default_factory=lambda: list(SearchConfig().w1))
-    sigma_alpha: list[float] = field(default_factory=lambda: list(SearchConfig().sigma_alpha))
-    sigma_beta: list[float] = field(default_factory=lambda: list(SearchConfig().sigma_beta))
-    w2: float = 3.0
-    sigma_gamma: float = 3.0
-    iterations: int = 10
-    rounds: int = 1
-    shrink: float = 0.5
-    objective: Literal["miou", "trimap_miou"] = "miou"
-    trimap_width: int = 5
-    backend: Literal["pydensecrf", "torch"] = "pydensecrf"
-    device: Literal["cpu", "cuda"] = "cpu"
-    workers: Optional[int] = None
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    @staticmethod
+    def search_keys() -> list[str]:
+        """The ``SearchConfig`` fields the section may set: all but ``label`` (the stage says where the
+        scores come from) and ``cache_mb`` (a machine's memory, not an experiment's)."""
+        return [f.name for f in dataclasses.fields(SearchConfig) if f.name not in ("label", "cache_mb")]
 
 
 @dataclass
@@ -176,6 +179,7 @@ class EvaluationConfig:
     trimap_widths: list[int] = field(default_factory=lambda: list(range(1, 41)))
 
 
+#: The stages in pipeline order (paper Fig. 1: DCNN -> bilinear upsampling -> CRF, then the evaluation).
 STAGES: tuple[str, ...] = ("train", "test", "crf_search", "crf", "evaluate")
 
 
@@ -224,8 +228,49 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _crf_params(value: Any, key: str, where: str) -> CRFParams:
+    """A YAML mapping of CRF parameters, the keys left out taken from the release's LargeFOV values."""
+    if isinstance(value, CRFParams):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: key '{key}' must be a mapping of CRF parameters, got {value!r}")
+    try:
+        return CRFParams.from_dict({**RELEASE_LARGEFOV.to_dict(), **value})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: key '{key}' is invalid: {exc}") from exc
+
+
+def _search_section(values: Any, key: str, where: str) -> CRFSearchConfig:
+    """The flat ``crf_search:`` mapping: the stage's keys, the rest through ``SearchConfig``'s checks."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: section '{key}' must be a mapping, got {values!r}")
+    stage_keys = {"enabled", "num_images", "seed"}
+    search_keys = set(CRFSearchConfig.search_keys())
+    unknown = [k for k in values if k not in stage_keys | search_keys]
+    if unknown:
+        dotted = ", ".join(f"'{key}.{k}'" for k in unknown)
+        raise ConfigError(f"{where}: unknown key {dotted}; known keys here: {', '.join(sorted(stage_keys | search_keys))}")
+    hints = typing.get_type_hints(CRFSearchConfig)
+    stage = {k: _coerce(v, hints[k], f"{key}.{k}", where) for k, v in values.items() if k in stage_keys}
+    search_values = {k: v for k, v in values.items() if k in search_keys}
+    if "objective" in search_values and not isinstance(search_values["objective"], str):
+        raise ConfigError(f"{where}: key '{key}.objective' must be 'miou' or 'trimap_miou', got {search_values['objective']!r}")
+    for k in ("rounds", "trimap_width", "iterations"):
+        if k in search_values and (isinstance(search_values[k], bool) or not isinstance(search_values[k], int)):
+            raise ConfigError(f"{where}: key '{key}.{k}' must be int, got {search_values[k]!r}")
+    try:
+        search = SearchConfig.from_dict(search_values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: key '{key}' is invalid: {str(exc).replace('SearchConfig.', key + '.')}") from exc
+    return CRFSearchConfig(**stage, search=search)
+
+
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (ints to floats, str to Path)."""
+    if tp is CRFParams:
+        return _crf_params(value, key, where)
+    if tp is CRFSearchConfig:
+        return _search_section(value, key, where)
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin in (Union, types.UnionType):
@@ -399,23 +444,9 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
         v = getattr(cfg.data, key)
         if v is not None and v < 1:
             fail(f"data.{key}", f"must be >= 1 or null, got {v}")
-    try:
-        from crf import CRFParams
-
-        CRFParams.from_dict(cfg.crf.params)
-    except (ValueError, TypeError) as exc:
-        fail("crf.params", f"is invalid: {exc}")
     s = cfg.crf_search
-    for key in ("w1", "sigma_alpha", "sigma_beta"):
-        vals = getattr(s, key)
-        if not vals or any(v <= 0 for v in vals):
-            fail(f"crf_search.{key}", f"must be a non-empty list of positive values, got {vals}")
     if s.num_images < 1:
         fail("crf_search.num_images", f"must be >= 1, got {s.num_images}")
-    if not 0 < s.shrink < 1:
-        fail("crf_search.shrink", f"must be in (0, 1), got {s.shrink}")
-    if s.rounds < 0:
-        fail("crf_search.rounds", f"must be >= 0, got {s.rounds}")
     if any(w < 1 for w in cfg.evaluation.trimap_widths) or not cfg.evaluation.trimap_widths:
         fail("evaluation.trimap_widths", f"must be positive pixel widths, got {cfg.evaluation.trimap_widths}")
     if check_paths:
@@ -448,20 +479,14 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, *
     where = str(path)
     if not path.is_file():
         raise ConfigError(f"{where}: experiment file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({exc})") from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:  # the file and its ``base:`` chain, merged (deeplab_v1.experiment_files)
+        raw, _chain = read_experiment(path)
+    except ExperimentFileError as exc:
+        raise ConfigError(str(exc)) from exc
     raw = apply_overrides(raw, overrides or [], where)
     cfg = _build(ExperimentConfig, raw, "", where)
     base = path.resolve().parent
     cfg.source = path.resolve()
-    # crf.params given in part keep the defaults for the rest (w2, sigma_gamma, iterations)
-    cfg.crf.params = {**CRFConfig().params, **cfg.crf.params}
     cfg.data.root = _resolve(cfg.data.root, base)
     cfg.model.init = _resolve(cfg.model.init, base)
     for key in ("train_list", "test_list"):
@@ -477,6 +502,11 @@ def to_dict(cfg: ExperimentConfig) -> dict:
     """The resolved config as plain YAML-friendly data (paths as strings)."""
 
     def plain(v: Any) -> Any:
+        if isinstance(v, CRFParams):
+            return v.to_dict()
+        if isinstance(v, CRFSearchConfig):
+            search = {k: plain(getattr(v.search, k)) for k in CRFSearchConfig.search_keys()}
+            return {"enabled": v.enabled, "num_images": v.num_images, "seed": v.seed, **search}
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "source"}
         if isinstance(v, Path):

@@ -32,3 +32,11 @@ def shared_reference() -> Path:
     if not (SHARED_REFERENCE / "caffemodels").is_dir():
         pytest.skip("reference files of the Caffe release (../shared/reference) are not present")
     return SHARED_REFERENCE
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every case that uses the ``../shared`` fixtures ``needs_shared`` (so ``-m "not needs_shared"``
+    runs what a fresh checkout can run)."""
+    for item in items:
+        if {"shared_voc", "shared_reference"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.needs_shared)

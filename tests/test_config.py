@@ -73,7 +73,7 @@ def test_missing_path_names_key(tmp_path):
 def test_overrides_apply_before_validation(tmp_path):
     p = _write(tmp_path, "data: {root: data}\n")
     cfg = load_config(p, ["train.iterations=7", "crf.params.w1=6", "test.scales=[0.5, 1.0]"])
-    assert cfg.train.iterations == 7 and cfg.crf.params["w1"] == 6 and cfg.test.scales == [0.5, 1.0]
+    assert cfg.train.iterations == 7 and cfg.crf.params.w1 == 6 and cfg.test.scales == [0.5, 1.0]
     with pytest.raises(ConfigError, match="train.itrations"):
         load_config(p, ["train.itrations=7"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from crf import CRFParams, dense_crf, scores_to_probs
-from crf.parallel import CRFTask, load_sample, run_crf_many
+from crf.input_files import write_crf_input
+from crf.parallel import CRFTask, load_crf_input, load_sample, run_crf_many
 
 PARAMS = CRFParams(w1=10.0, sigma_alpha=20.0, sigma_beta=10.0)
 
@@ -134,8 +133,6 @@ def test_crf_of_softmax_is_invariant_to_a_per_pixel_score_offset():
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("crf.torch_backend") is None,
-                    reason="crf.torch_backend (the torch CRF backend) is not in this checkout yet")
 def test_torch_backend_agrees_with_pydensecrf():
     image, probs, truth = two_regions(seed=4)
     q = dense_crf(image, probs, PARAMS, backend="torch")
@@ -149,18 +146,18 @@ def test_torch_backend_agrees_with_pydensecrf():
 # --- crf.parallel -------------------------------------------------------------------------------------
 
 
-def _write_samples(folder, n=3):
+def _write_crf_inputs(folder, n=3):
     paths = []
     for i in range(n):
         image, probs, _ = two_regions(h=24, w=32, seed=10 + i)
         p = folder / f"img{i}.npz"
-        np.savez(p, image=image, probs=probs.astype(np.float16))
+        write_crf_input(p, image, probs.astype(np.float16))
         paths.append(p)
     return paths
 
 
 def test_run_crf_many_in_process_and_in_workers_agree_and_resume(tmp_path):
-    samples = _write_samples(tmp_path)
+    samples = _write_crf_inputs(tmp_path)
     one = [CRFTask(s, tmp_path / "one" / f"{s.stem}.png") for s in samples]
     two = [CRFTask(str(s), str(tmp_path / "two" / f"{s.stem}.npy")) for s in samples]
     s1 = run_crf_many(one, PARAMS, workers=1, progress=False)
@@ -171,13 +168,24 @@ def test_run_crf_many_in_process_and_in_workers_agree_and_resume(tmp_path):
         b = np.load(t2.out)
         assert a.dtype == np.uint8 and b.dtype == np.uint8
         np.testing.assert_array_equal(a, b)
-        arr = load_sample(s)
+        arr = load_crf_input(s)
         np.testing.assert_array_equal(a, dense_crf(arr["image"], arr["probs"], PARAMS).argmax(0))
     # no temporary files left behind; a rerun skips everything, a deleted output is redone
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["img0.png", "img1.png", "img2.png"]
     (tmp_path / "one" / "img1.png").unlink()
     s3 = run_crf_many(one, PARAMS, workers=1, progress=False)
     assert (s3.done, s3.skipped) == (1, 2)
+
+
+def test_former_names_of_the_crf_input_file_still_work(tmp_path):
+    """``load_sample`` and ``CRFTask(sample=...)`` / ``task.sample`` are the former names (deprecated)."""
+    (inputs,) = _write_crf_inputs(tmp_path, n=1)
+    assert load_sample is load_crf_input
+    by_keyword = CRFTask(sample=str(inputs), out=str(tmp_path / "a.png"), image="x.jpg")
+    assert by_keyword == CRFTask(str(inputs), str(tmp_path / "a.png"), "x.jpg")
+    assert by_keyword.inputs == by_keyword.sample == str(inputs)
+    with pytest.raises(TypeError, match="not both"):
+        CRFTask(inputs, tmp_path / "a.png", sample=inputs)
 
 
 def test_run_crf_many_errors_name_the_file(tmp_path):

@@ -3,7 +3,8 @@
 Small-tensor tests check the lattice filter (constant signals, brute-force Gaussian filtering,
 segments) and the API's consistency (grid == single calls, batched == unbatched, chunked ==
 unchunked, input checks). The agreement tests compare with pydensecrf, on a small synthetic image and
-on real VOC val images with unaries made from coarsened ground truth.
+on real VOC val images with the DIAGNOSTIC degraded-ground-truth probabilities of
+deeplab_v1.data.degraded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from crf.confusion import confusion, miou
 from crf.params import CRFParams
 from crf.permutohedral import PermutohedralLattice, bilateral_features, gaussian_features
 from crf.torch_backend import (
@@ -26,6 +28,7 @@ from crf.torch_backend import (
     symmetric_normalization,
     unary_from_probs,
 )
+from deeplab_v1.data.degraded import degraded_probs
 
 PARAMS_A = CRFParams(w1=5, sigma_alpha=50, sigma_beta=5)
 PARAMS_B = CRFParams(w1=4, sigma_alpha=49, sigma_beta=5)
@@ -290,32 +293,12 @@ def test_matches_pydensecrf_on_a_small_image():
         np.testing.assert_allclose(dense_crf_torch(image, probs, params), _pydensecrf(image, probs, params), atol=1e-4)
 
 
-def _probs_from_ground_truth(label: np.ndarray, labels: int = 21) -> np.ndarray:
-    """Realistic DCNN-like probabilities: ground truth (255 -> 0) at stride 8, one-hot smoothed to 0.7
-    on the label, bilinearly upsampled, Gaussian-blurred, renormalised."""
-    cv2 = pytest.importorskip("cv2")
-    label = np.where(label == 255, 0, label)
-    coarse = label[::8, ::8]
-    onehot = np.eye(labels, dtype=np.float32)[coarse]
-    soft = 0.7 * onehot + 0.3 * (1.0 - onehot) / (labels - 1)
-    height, width = label.shape
-    up = cv2.resize(soft, (width, height), interpolation=cv2.INTER_LINEAR)
-    up = cv2.GaussianBlur(up, (0, 0), 4)
-    up /= up.sum(axis=2, keepdims=True)
-    return np.ascontiguousarray(up.transpose(2, 0, 1), dtype=np.float32)
+def _miou(conf: np.ndarray) -> float:
+    """mIoU in percent (crf.confusion's rule)."""
+    return 100.0 * miou(conf)
 
 
-def _miou(confusion: np.ndarray) -> float:
-    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
-    valid = union > 0
-    return float(100.0 * (np.diag(confusion)[valid] / union[valid]).mean())
-
-
-def _confusion(label: np.ndarray, prediction: np.ndarray, labels: int = 21) -> np.ndarray:
-    keep = label != 255
-    return np.bincount(labels * label[keep].astype(np.int64) + prediction[keep], minlength=labels * labels).reshape(labels, labels)
-
-
+@pytest.mark.slow
 def test_agrees_with_pydensecrf_on_voc_val(shared_voc):
     from PIL import Image
 
@@ -325,13 +308,13 @@ def test_agrees_with_pydensecrf_on_voc_val(shared_voc):
     for name in names:
         image = np.array(Image.open(shared_voc / "JPEGImages" / f"{name}.jpg").convert("RGB"))
         label = np.asarray(Image.open(shared_voc / "SegmentationClass" / f"{name}.png"))
-        probs = _probs_from_ground_truth(label)
+        probs = degraded_probs(label)  # DIAGNOSTIC DCNN-like probabilities (deeplab_v1.data.degraded)
         torch_labels = dense_crf_torch_grid(image, probs, grid, labels_only=True)  # as the search takes them
         for k, params in enumerate(grid):
             ours, theirs = torch_labels[k], _pydensecrf(image, probs, params).argmax(0)
             agreement = float((ours == theirs).mean())
             assert agreement >= 0.99, (name, params, agreement)
-            confusions["torch", k] += _confusion(label, ours)
-            confusions["pydensecrf", k] += _confusion(label, theirs)
+            confusions["torch", k] += confusion(label, ours, 21)
+            confusions["pydensecrf", k] += confusion(label, theirs, 21)
     for k in range(3):
         assert abs(_miou(confusions["torch", k]) - _miou(confusions["pydensecrf", k])) < 0.2

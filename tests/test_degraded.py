@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from deeplab_v1.data import read_label, voc_split
-from deeplab_v1.data.degraded import degraded_scores, score_map_size
+from deeplab_v1.data.degraded import degraded_probs, degraded_scores, score_map_size
 from deeplab_v1.engine.inference import upsample_scores
 from deeplab_v1.evaluation import ConfusionAccumulator
 from deeplab_v1.evaluation.trimap import void_distance
@@ -28,7 +29,7 @@ def _accuracies(labels: list[np.ndarray]) -> tuple[float, float, float]:
         total.update(label, pred)
         near.update(label, pred, mask=dist <= 5)
         far.update(label, pred, mask=dist > 20)
-    return (total.scores()["pixel_accuracy"], near.scores()["pixel_accuracy"], far.scores()["pixel_accuracy"])
+    return (total.metrics()["pixel_accuracy"], near.metrics()["pixel_accuracy"], far.metrics()["pixel_accuracy"])
 
 
 def test_geometry_covers_the_image() -> None:
@@ -41,6 +42,18 @@ def test_geometry_covers_the_image() -> None:
     assert degraded_scores(np.zeros((513, 513), np.uint8)).shape == (21, 65, 65)
     assert score_map_size(513) == 65 and score_map_size(1) == 1 and score_map_size(9) == 2
     assert degraded_scores(np.zeros((1, 2), np.uint8), 4).shape == (4, 1, 2)
+
+
+def test_probs_are_the_scores_upsampled_as_the_network_s_and_softmaxed(repo_root: Path) -> None:
+    root = repo_root / "experiments" / "sample" / "VOC2012"
+    label = read_label(voc_split(root, "val")[1].label)
+    for kwargs in ({}, {"stride": 16, "blur_sigma": 4.0, "temperature": 3.0}):
+        probs = degraded_probs(label, **kwargs)
+        assert probs.shape == (21, *label.shape) and probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        ref = torch.softmax(upsample_scores(degraded_scores(label, **kwargs), 8, *label.shape), 0).numpy()
+        np.testing.assert_allclose(probs, ref, atol=1e-5)
+    assert degraded_probs(np.zeros((1, 2), np.uint8), 4).shape == (4, 1, 2)
 
 
 def test_uniform_and_void_labels() -> None:

@@ -13,6 +13,9 @@ from deeplab_v1.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the module's fixture runs the whole pipeline (test, crf_search, crf, evaluate) on 12 real val images
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def diagnostic_run(shared_voc, tmp_path_factory):

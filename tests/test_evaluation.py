@@ -11,8 +11,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deeplab_v1.data import read_label, voc_split
-from deeplab_v1.evaluation import ConfusionAccumulator, TrimapAccumulator, confusion_matrix, scores, trimap_band
+from crf import CRFParams, dense_crf
+from crf.input_files import load_search_input, write_search_input
+from crf.search import SearchConfig, run_search
+from deeplab_v1.data import read_image, read_label, voc_split
+from deeplab_v1.data.degraded import degraded_probs
+from deeplab_v1.evaluation import (
+    ConfusionAccumulator,
+    TrimapAccumulator,
+    confusion_matrix,
+    metrics_from_confusion,
+    scores,
+    trimap_band,
+)
 from deeplab_v1.evaluation.plots import plot_trimap
 from deeplab_v1.evaluation.trimap import void_distance
 
@@ -37,9 +48,9 @@ def test_confusion_matrix_hand_case() -> None:
     assert masked.tolist() == [[1, 0, 0], [1, 0, 0], [0, 0, 0]]
 
 
-def test_scores_hand_case() -> None:
+def test_metrics_hand_case() -> None:
     conf = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]])
-    s = scores(conf)
+    s = metrics_from_confusion(conf)
     # IoU0 = 1 / (1 + 2 - 1) = 0.5; IoU1 = 1 / (2 + 1 - 1) = 0.5; class 2: union 0 -> not counted
     assert s["per_class_iou"][:2] == [0.5, 0.5] and math.isnan(s["per_class_iou"][2])
     assert s["miou"] == pytest.approx(0.5)
@@ -47,14 +58,26 @@ def test_scores_hand_case() -> None:
     assert s["mean_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
     assert s["pixels"] == 3
     # a class only predicted (false positives) counts with IoU 0
-    s2 = scores(np.array([[3, 1], [0, 0]]))
+    s2 = metrics_from_confusion(np.array([[3, 1], [0, 0]]))
     assert s2["per_class_iou"] == [0.75, 0.0] and s2["miou"] == pytest.approx(0.375)
     assert s2["mean_accuracy"] == pytest.approx(0.75)  # over ground-truth classes only
-    safe = scores(conf, json_safe=True)
+    safe = metrics_from_confusion(conf, json_safe=True)
     assert safe["per_class_iou"][2] is None
     json.dumps(safe, allow_nan=False)
-    empty = scores(np.zeros((3, 3), np.int64), json_safe=True)
+    empty = metrics_from_confusion(np.zeros((3, 3), np.int64), json_safe=True)
     assert empty["miou"] is None and empty["pixel_accuracy"] is None
+
+
+def test_former_names_scores_are_deprecated_aliases() -> None:
+    """``scores(conf)`` and ``ConfusionAccumulator.scores()`` are the former names ("scores" are fc8 outputs)."""
+    conf = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    with pytest.warns(DeprecationWarning, match="metrics_from_confusion"):
+        old = scores(conf, json_safe=True)
+    assert old == metrics_from_confusion(conf, json_safe=True)
+    acc = ConfusionAccumulator(3)
+    acc.update(np.array([[0, 1]]), np.array([[0, 0]]))
+    with pytest.warns(DeprecationWarning, match=r"\.metrics"):
+        assert acc.scores(json_safe=True) == acc.metrics(json_safe=True)
 
 
 def test_confusion_matrix_errors() -> None:
@@ -82,8 +105,8 @@ def test_accumulator_sums_and_merges() -> None:
     assert np.array_equal(combined.matrix, total) and combined.images == 3
     assert np.array_equal(a.matrix, confusion_matrix(gts[0], preds[0], 4))  # + leaves its operands alone
     a.merge(b)
-    assert np.array_equal(a.matrix, total) and a.scores()["images"] == 3
-    assert a.scores()["miou"] == pytest.approx(scores(total)["miou"])
+    assert np.array_equal(a.matrix, total) and a.metrics()["images"] == 3
+    assert a.metrics()["miou"] == pytest.approx(metrics_from_confusion(total)["miou"])
     assert a.matrix.sum() == 3 * 30 - 6
     with pytest.raises(ValueError, match="4 and 21 classes"):
         a.merge(ConfusionAccumulator(21))
@@ -93,7 +116,7 @@ def test_perfect_prediction_real_labels(sample_labels: list[np.ndarray]) -> None
     acc = ConfusionAccumulator()
     for gt in sample_labels:
         acc.update(gt, np.where(gt == 255, 0, gt))
-    s = acc.scores()
+    s = acc.metrics()
     assert s["miou"] == 1.0 and s["pixel_accuracy"] == 1.0
     assert s["pixels"] == sum(int((gt != 255).sum()) for gt in sample_labels)
 
@@ -152,8 +175,8 @@ def test_trimap_accumulator_matches_masked_confusion(sample_labels: list[np.ndar
     r = tri.result()
     assert r["widths"] == widths
     for i, w in enumerate(widths):
-        assert r["pixel_accuracy"][i] == pytest.approx(brute[w].scores()["pixel_accuracy"])
-        assert r["miou"][i] == pytest.approx(brute[w].scores()["miou"])
+        assert r["pixel_accuracy"][i] == pytest.approx(brute[w].metrics()["pixel_accuracy"])
+        assert r["miou"][i] == pytest.approx(brute[w].metrics()["miou"])
         assert r["pixels"][i] == brute[w].matrix.sum()
     assert r["pixels"] == sorted(r["pixels"]) and r["pixels"][0] > 0  # wider bands hold more pixels
     json.dumps(r, allow_nan=False)
@@ -175,6 +198,55 @@ def test_trimap_accumulator_merge_and_empty(sample_labels: list[np.ndarray]) -> 
     assert empty.result()["miou"] == [None, None] and empty.result()["pixels"] == [0, 0]
     with pytest.raises(ValueError, match="shape"):
         empty.update(np.zeros((4, 4), np.uint8), np.zeros((4, 5), np.uint8))
+
+
+# ------------------------------------------------------------------ the search scores as the evaluation
+
+
+@pytest.fixture(scope="module")
+def sample_search_inputs(repo_root: Path, tmp_path_factory) -> list[Path]:
+    """Search input files of the 2 smallest sample val images (240 x 320, 320 x 240) with DIAGNOSTIC
+    degraded-ground-truth probabilities."""
+    folder = tmp_path_factory.mktemp("search_inputs")
+    files = []
+    samples = voc_split(repo_root / "experiments" / "sample" / "VOC2012", "val")
+    for sample in (samples[0], samples[2]):
+        label = read_label(sample.label)
+        image = read_image(sample.image)[:, :, ::-1]  # BGR file -> RGB for the bilateral kernel
+        files.append(folder / f"{sample.id}.npz")
+        write_search_input(files[-1], image, degraded_probs(label).astype(np.float16), label)
+    return files
+
+
+def test_search_objectives_equal_the_evaluation_of_the_same_label_maps(sample_search_inputs, tmp_path) -> None:
+    """The search's mIoU and trimap_miou of a configuration (results.jsonl, SearchResult) are the evaluation's
+    mIoU (ConfusionAccumulator) and trimap mIoU (TrimapAccumulator at that width) of its CRF label maps."""
+    width = 5
+    grid = dict(w1=[4.0], sigma_alpha=[49.0], sigma_beta=[5.0], rounds=0, workers=1)  # the release's LargeFOV
+    full = run_search(sample_search_inputs, tmp_path / "miou", SearchConfig(**grid), progress=False)
+    band = run_search(sample_search_inputs, tmp_path / "trimap",
+                      SearchConfig(objective="trimap_miou", trimap_width=width, **grid), progress=False)
+    lines = {name: {json.dumps(r["params"], sort_keys=True): r
+                    for r in map(json.loads, (tmp_path / name / "results.jsonl").read_text().splitlines())}
+             for name in ("miou", "trimap")}
+    band_rows = {(r["w1"], r["sigma_alpha"], r["sigma_beta"]): r for r in band.rows}
+    for row in full.rows:
+        params = CRFParams.from_dict({k: row[k] for k in CRFParams.__dataclass_fields__})
+        conf, tri = ConfusionAccumulator(), TrimapAccumulator([width])
+        for f in sample_search_inputs:
+            arrays = load_search_input(f)
+            pred = dense_crf(arrays["image"], arrays["probs"], params).argmax(0)
+            conf.update(arrays["label"], pred)
+            tri.update(arrays["label"], pred)
+        key = json.dumps(params.to_dict(), sort_keys=True)
+        assert np.array_equal(lines["miou"][key]["confusion"], conf.matrix)
+        assert np.array_equal(lines["trimap"][key]["confusion_band"], tri.matrices()[width])
+        assert row["objective"] == row["miou"] == conf.metrics()["miou"]
+        assert row["pixel_accuracy"] == conf.metrics()["pixel_accuracy"]
+        band_row = band_rows[(params.w1, params.sigma_alpha, params.sigma_beta)]
+        assert band_row["objective"] == tri.result()["miou"][0]
+        assert band_row["miou"] == conf.metrics()["miou"]
+    assert full.best_objective == max(r["objective"] for r in full.rows)
 
 
 # -------------------------------------------------------------------------------------------- plots

@@ -100,7 +100,9 @@ def test_training_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "resuming from iter_2.pth" in (tmp_path / "part" / "run.log").read_text()
     init = load_config(DEFAULT, common + [f"output_dir={tmp_path / 'x'}"])
-    model, _ = Runner(init, progress=False)._init_model()
+    from deeplab_v1.stages.network import initial_model
+
+    model, _ = initial_model(Runner(init, progress=False).ctx)
     assert not torch.equal(model.state_dict()["fc8.weight"], a["fc8.weight"])  # it did train
 
 
@@ -124,14 +126,37 @@ def test_cli_bad_config_is_a_clear_error(tmp_path, capsys):
 
 
 def test_console_script_installed():
-    out = subprocess.run([sys.executable, "-m", "deeplab_v1.cli", "--help"], capture_output=True, text=True)
+    """The installed ``deeplab`` script (pyproject ``[project.scripts]``), not the module."""
+    import shutil
+
+    script = Path(sys.executable).parent / "deeplab"
+    script = script if script.is_file() else Path(shutil.which("deeplab") or "deeplab-not-installed")
+    assert script.is_file(), "the deeplab console script is not installed (pip install -e .)"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "crf-search" in out.stdout
 
 
-@pytest.mark.parametrize("name", ["deeplabv3-resnet50", "deeplabv3-resnet101", "deeplabv3-cascade-resnet101",
-                                  "deeplabv3plus-resnet101", "deeplabv3plus-xception65"])
+def test_single_stage_redo_reruns_that_stage_alone(quick_run, capsys):
+    """``deeplab crf EXP --redo`` reruns the crf stage and nothing after it; ``deeplab evaluate`` then
+    reruns nothing."""
+    runner, _ = quick_run
+    d = runner.dir
+    before = {p.name: p.stat().st_mtime_ns for p in (d / "stages").iterdir()}
+    overrides = [x for o in QUICK + [f"output_dir={d}"] for x in ("--set", o)]
+    assert main(["crf", str(DEFAULT), "--redo", "--no-progress", *overrides]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (d / "stages").iterdir()}
+    assert after["crf.json"] != before["crf.json"]
+    assert {k: v for k, v in after.items() if k != "crf.json"} == {k: v for k, v in before.items() if k != "crf.json"}
+    assert main(["evaluate", str(DEFAULT), "--no-progress", *overrides]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (d / "stages").iterdir()} == after
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deeplabv3-resnet50", "deeplabv3plus-xception65"])
 def test_v3_models_train_and_evaluate_through_the_runner(name, tmp_path):
-    """Each v3/v3+ model runs through the same stages with the v3 protocol options (a tiny schedule)."""
+    """A v3 and a v3+ model run through the same stages with the v3 protocol options (a tiny schedule):
+    trained at output_stride 16, tested at 8 (v3+: its decoder's 4), one prediction per image. The other
+    v3 variants differ only in their backbones, which tests/test_models_v3.py builds."""
     cfg = load_config(DEFAULT, [
         f"output_dir={tmp_path}", f"model.name={name}", "stages=[train, test, evaluate]", "crf.enabled=false",
         "train.iterations=1", "train.batch_size=2", "train.crop_size=97", "train.label_mode=upsample",
@@ -139,7 +164,8 @@ def test_v3_models_train_and_evaluate_through_the_runner(name, tmp_path):
         "train.output_stride=16", "test.output_stride=8", "data.max_test_images=1",
     ])
     metrics = Runner(cfg, progress=False).run()
-    assert set(metrics) >= {"dcnn"} and "crf" not in metrics
+    assert set(metrics) >= {"dcnn"} and "crf" not in metrics and metrics["images"] == 1
+    assert json.loads((tmp_path / "stages" / "train.json").read_text())["iterations"] == 1
     sm = np.load(tmp_path / "scores" / f"{Runner(cfg, progress=False).test_samples()[0].id}.npz")
     assert int(sm["stride"]) == (4 if "plus" in name else 8)  # evaluated at output_stride 8 (v3+: decoder, 4)
 

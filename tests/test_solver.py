@@ -99,3 +99,38 @@ def test_loss_normalised_by_valid_positions():
     assert segmentation_loss(scores, torch.full((2, 2, 2), 255)).item() == 0.0
     with pytest.raises(ValueError, match="do not match"):
         segmentation_loss(scores, labels[:, :1])
+
+
+def test_iter_size_equals_the_larger_batch(tmp_path):
+    """Caffe's iter_size: batch 1 x iter_size 2 accumulates the same gradient as batch 2 (here every label
+    is valid, so both normalise by the same count; dropout off so that the masks cannot differ)."""
+    import cv2
+    import numpy as np
+
+    from deeplab_v1.config import TrainConfig
+    from deeplab_v1.data.io import write_label
+    from deeplab_v1.data.lists import Sample
+    from deeplab_v1.engine.checkpoint import load_checkpoint
+    from deeplab_v1.engine.trainer import train
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(4):
+        img, lab = tmp_path / f"{i}.png", tmp_path / f"{i}_label.png"
+        cv2.imwrite(str(img), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        write_label(lab, rng.integers(0, 3, (40, 40), dtype=np.uint8))
+        samples.append(Sample(str(i), img, lab))
+    results = {}
+    for name, batch, iter_size in (("batch2", 2, 1), ("iter2", 1, 2)):
+        torch.manual_seed(0)
+        model = build_model("deeplab-largefov", num_classes=3)
+        model.drop6.p = model.drop7.p = 0.0
+        cfg = TrainConfig(iterations=3, batch_size=batch, iter_size=iter_size, base_lr=0.01, checkpoint_every=3,
+                          mirror=False)
+        train(model, samples, cfg, tmp_path / name, crop_size=33, seed=1, num_classes=3, progress=False,
+              log=lambda _: None)
+        results[name] = load_checkpoint(tmp_path / name / "final.pth")["state_dict"]
+    a, b = results["batch2"], results["iter2"]
+    assert any(not torch.equal(a[k], build_model("deeplab-largefov", num_classes=3).state_dict()[k]) for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k

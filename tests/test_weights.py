@@ -377,6 +377,7 @@ def test_msc_branches_roundtrip(tmp_path, fmt, fc8_name):
             assert torch.equal(dst.eval()(x), src.eval()(x))
 
 
+@pytest.mark.slow  # ~3-5 s on 2 cores: eight VGG-16 trunks built, six .caffemodel files written and read
 def test_shape_mismatch_missing_layer_and_class_count(tmp_path):
     src = _small("deeplab-largefov", num_classes=5)
     layers = model_to_caffe_layers(src)
@@ -438,6 +439,96 @@ def test_checkpoints_of_ours_and_of_the_trainer(tmp_path):
         load_init(_small("deeplab-largefov"), "deeplab-largefov", tmp_path / "junk.pth", num_classes=3)
     with pytest.raises(WeightsError, match="not a checkpoint of ours"):
         load_checkpoint(tmp_path / "bare.pth")
+
+
+def test_one_checkpoint_reader_under_every_name(tmp_path):
+    """``weights.checkpoint`` is the one reader; the engine's and ``convert``'s names are the same functions.
+    Its errors name the file and are ``CheckpointError`` (a ``WeightsError``, ``DeepLabError``, ``ValueError``)."""
+    from deeplab_v1 import weights
+    from deeplab_v1.engine import checkpoint as engine_checkpoint
+    from deeplab_v1.errors import DeepLabError
+    from deeplab_v1.weights import checkpoint as weights_checkpoint, convert
+    from deeplab_v1.weights.checkpoint import CheckpointError, checkpoint_state_dict, read_checkpoint
+
+    assert (convert.load_checkpoint is weights.load_checkpoint is weights_checkpoint.load_checkpoint
+            is engine_checkpoint.load_checkpoint)
+    assert engine_checkpoint.read_checkpoint is read_checkpoint  # any dict (a bare state dict too)
+    assert engine_checkpoint.save_checkpoint is weights_checkpoint.save_checkpoint
+    for cls in (WeightsError, CaffeModelError, CheckpointError):
+        assert issubclass(cls, DeepLabError) and issubclass(cls, ValueError)
+    sd = {"w": torch.ones(2)}
+    engine_checkpoint.save_checkpoint(tmp_path / "bare.pth", sd)
+    assert read_checkpoint(tmp_path / "bare.pth").keys() == {"w"} and checkpoint_state_dict(sd) is None
+    with pytest.raises(CheckpointError, match=r"bare\.pth: not a checkpoint of ours"):
+        load_checkpoint(tmp_path / "bare.pth")
+    with pytest.raises(CheckpointError, match=r"nothing\.pth: checkpoint not found"):
+        read_checkpoint(tmp_path / "nothing.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match=r"list\.pth: expected a checkpoint dict, got list"):
+        read_checkpoint(tmp_path / "list.pth")
+    (tmp_path / "junk.pth").write_bytes(b"\x00junk")
+    with pytest.raises(CheckpointError, match=r"junk\.pth: not a checkpoint loadable with weights_only=True"):
+        read_checkpoint(tmp_path / "junk.pth")
+    ckpt = {"model_state": sd, "iteration": 3}
+    assert checkpoint_state_dict(ckpt) is sd and checkpoint_state_dict({"state_dict": 1, "model_state": 2}) == 1
+
+
+def test_strip_module_prefix_only_when_every_key_has_it():
+    from deeplab_v1.models.state_dict import strip_module_prefix
+
+    assert strip_module_prefix({"module.a": 1, "module.b.c": 2}) == {"a": 1, "b.c": 2}
+    assert strip_module_prefix({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}
+    assert strip_module_prefix({}) == {}
+
+
+def test_weights_package_has_no_import_cycle():
+    """Every import under ``deeplab_v1/weights`` (module level, inside functions, ``importlib``) and of
+    ``engine/checkpoint.py``: the graph between these modules has no cycle. A submodule's edge to its own
+    package (already executing when it runs) does not count."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "deeplab_v1" / "weights").glob("*.py")) + [root / "deeplab_v1" / "engine" / "checkpoint.py"]
+
+    def name(p: Path) -> str:
+        parts = list(p.relative_to(root).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    mods = {name(p): p for p in files}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        package = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                mod = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
+                targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__"):
+                raise AssertionError(f"{m}: dynamic import (line {node.lineno})")
+            else:
+                continue
+            for t in targets:
+                parts = t.split(".")
+                for i in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b as well
+                    cand = ".".join(parts[:i])
+                    if cand in mods and cand != m and not m.startswith(cand + "."):
+                        graph[m].add(cand)
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
+        if m not in done:
+            for d in sorted(graph[m]):
+                visit(d, path + [m])
+            done.add(m)
+
+    for m in sorted(mods):
+        visit(m, [])
+    assert "deeplab_v1.weights.imagenet" not in graph["deeplab_v1.weights.mapping"]
 
 
 # ------------------------------------------------------------------------------------ ImageNet VGG-16

@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from crf.dense import scores_to_probs  # noqa: E402
 from crf.search import SearchConfig  # noqa: E402
 
 HEIGHT, WIDTH, LABELS, ITERATIONS = 375, 500, 21, 10
@@ -45,17 +46,12 @@ W1_VALUES = tuple(_GRID.w1)
 PAIRS = [(sa, sb) for sa in _GRID.sigma_alpha for sb in _GRID.sigma_beta]  # 48 (sigma_alpha, sigma_beta)
 
 
-def _softmax(logits: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 def make_inputs(count: int, voc: str | None, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """``count`` (RGB uint8 (375, 500, 3), float32 probabilities (21, 375, 500)) pairs.
 
     With ``voc``: the first val images and DIAGNOSTIC DCNN-like probabilities from their ground truth
-    (``deeplab_v1.data.degraded.degraded_scores``, bilinearly upsampled x8 as the network's scores are,
-    softmax). Without: synthetic images (smooth colour regions with noise) and random logits on a
+    (``deeplab_v1.data.degraded.degraded_probs``: the scores bilinearly upsampled x8 as the network's
+    are, softmax). Without: synthetic images (smooth colour regions with noise) and random logits on a
     stride-8 grid, bilinearly upsampled, softmax."""
     import cv2
 
@@ -64,7 +60,7 @@ def make_inputs(count: int, voc: str | None, seed: int = 0) -> list[tuple[np.nda
     if voc:
         from PIL import Image
 
-        from deeplab_v1.data.degraded import degraded_scores
+        from deeplab_v1.data.degraded import degraded_probs
 
         names = (Path(voc) / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:count]
         if len(names) < count:
@@ -79,10 +75,7 @@ def make_inputs(count: int, voc: str | None, seed: int = 0) -> list[tuple[np.nda
             h, w = min(HEIGHT, bgr.shape[0]), min(WIDTH, bgr.shape[1])
             rgb[:h, :w] = bgr[:h, :w, ::-1]
             lab[:h, :w] = label[:h, :w]
-            scores = degraded_scores(lab, LABELS)  # (C, h8, w8), score k <-> pixel 8k
-            up = cv2.resize(scores.transpose(1, 2, 0), ((scores.shape[2] - 1) * 8 + 1, (scores.shape[1] - 1) * 8 + 1),
-                            interpolation=cv2.INTER_LINEAR)[:HEIGHT, :WIDTH]
-            out.append((rgb, np.ascontiguousarray(_softmax(up, 2).transpose(2, 0, 1), dtype=np.float32)))
+            out.append((rgb, degraded_probs(lab, LABELS)))  # stride-8 scores upsampled x8, softmaxed
         return out
     for _ in range(count):
         coarse = rng.integers(0, 256, size=(HEIGHT // 25, WIDTH // 25, 3)).astype(np.uint8)
@@ -90,20 +83,15 @@ def make_inputs(count: int, voc: str | None, seed: int = 0) -> list[tuple[np.nda
         image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
         logits = rng.normal(0, 3, size=(HEIGHT // 8 + 1, WIDTH // 8 + 1, LABELS)).astype(np.float32)
         up = cv2.resize(logits, (WIDTH, HEIGHT), interpolation=cv2.INTER_LINEAR)
-        out.append((np.ascontiguousarray(image), np.ascontiguousarray(_softmax(up, 2).transpose(2, 0, 1), dtype=np.float32)))
+        out.append((np.ascontiguousarray(image), scores_to_probs(up.transpose(2, 0, 1))))
     return out
 
 
 def _pydensecrf(image: np.ndarray, probs: np.ndarray, params) -> np.ndarray:
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
+    # the pydensecrf backend as the search runs it (make_inputs gives checked, C-contiguous arrays)
+    from crf.dense import dense_crf_pydensecrf
 
-    labels, height, width = probs.shape
-    crf = dcrf.DenseCRF2D(width, height, labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    crf.addPairwiseGaussian(sxy=params.sigma_gamma, compat=params.w2)
-    crf.addPairwiseBilateral(sxy=params.sigma_alpha, srgb=params.sigma_beta, rgbim=image, compat=params.w1)
-    return np.asarray(crf.inference(params.iterations), np.float32).reshape(probs.shape)
+    return dense_crf_pydensecrf(image, probs, params)
 
 
 def _grid(pairs: int):
@@ -134,11 +122,11 @@ def _pool_task(image_index: int, params) -> float:
 def _pydensecrf_processes(task: dict) -> tuple[float, int, float]:
     """The search's pydensecrf layout: a spawn pool of ``processes`` workers, one (configuration, image)
     pair per task. Pool start-up and input loading are not timed."""
-    from concurrent.futures import ProcessPoolExecutor
+    from crf.pool import make_executor
 
     grid = _grid(task["pairs"])
-    with ProcessPoolExecutor(task["processes"], mp_context=mp.get_context("spawn"), initializer=_pool_init,
-                             initargs=(task["images"], task["voc"])) as pool:
+    with make_executor(task["processes"], "pydensecrf", initializer=_pool_init,
+                       initargs=(task["images"], task["voc"])) as pool:
         list(pool.map(_pool_task, [0] * task["processes"], [grid[0]] * task["processes"]))  # start every worker
         start = time.perf_counter()
         pairs = [(i, p) for p in grid for i in range(task["images"])]

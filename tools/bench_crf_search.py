@@ -5,8 +5,8 @@ the paper's grid x a few images, one round, no refinement) and prints throughput
 pairs per second), the wall time per CRF (wall / pairs), the mean time of one CRF inside a worker, and the
 speed-up over one process. It also checks that every process count gives identical confusion matrices.
 
-Images: real PASCAL VOC 2012 val images with ``--voc-root`` (scores made from their ground truth: labels
-sampled every 16 pixels, upsampled, blurred and softmaxed, the same kind of coarse scores a DCNN gives);
+Images: real PASCAL VOC 2012 val images with ``--voc-root`` (DIAGNOSTIC probabilities made from their ground
+truth by ``deeplab_v1.data.degraded.degraded_probs``, the same kind of coarse scores a DCNN gives);
 otherwise synthetic 500 x 375 images with 21 labels (smooth shapes, mild noise). Sizes are full
 resolution: one CRF is the paper's unit of work (10 mean-field iterations, 21 labels).
 
@@ -30,23 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from crf.input_files import write_search_input  # noqa: E402
 from crf.search import SearchConfig, run_search  # noqa: E402
+from deeplab_v1.data.degraded import degraded_probs  # noqa: E402
 
 NUM_CLASSES = 21
-
-
-def coarse_probs(label: np.ndarray, stride: int = 16, blur: float = 6.0, sharpness: float = 8.0) -> np.ndarray:
-    """(C, H, W) float16 probabilities from a label map: sampled every ``stride`` pixels (void -> 0),
-    one-hot, bilinearly upsampled, blurred, scaled and softmaxed."""
-    h, w = label.shape
-    coarse = label[stride // 2::stride, stride // 2::stride].copy()
-    coarse[coarse == 255] = 0
-    onehot = np.eye(NUM_CLASSES, dtype=np.float32)[coarse]
-    up = cv2.GaussianBlur(cv2.resize(onehot, (w, h), interpolation=cv2.INTER_LINEAR), (0, 0), blur)
-    s = sharpness * up
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.ascontiguousarray(p.transpose(2, 0, 1)).astype(np.float16)
 
 
 def synthetic(seed: int, h: int = 375, w: int = 500) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +56,8 @@ def synthetic(seed: int, h: int = 375, w: int = 500) -> tuple[np.ndarray, np.nda
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def make_samples(folder: Path, n: int, voc_root: Path | None) -> list[Path]:
+def make_search_inputs(folder: Path, n: int, voc_root: Path | None) -> list[Path]:
+    """``n`` search input files in ``folder``: VOC val images or synthetic ones, degraded-GT probabilities."""
     files = []
     if voc_root is not None:
         from PIL import Image
@@ -80,7 +69,7 @@ def make_samples(folder: Path, n: int, voc_root: Path | None) -> list[Path]:
         pairs = [(f"synthetic_{k:03d}", *synthetic(k)) for k in range(n)]
     for name, image, label in pairs:
         f = folder / f"{name}.npz"
-        np.savez(f, image=image, probs=coarse_probs(label), label=label)
+        write_search_input(f, image, degraded_probs(label, NUM_CLASSES).astype(np.float16), label)
         files.append(f)
     return files
 
@@ -108,7 +97,7 @@ def main() -> int:
     counts = sorted({p for p in (1, 2, 4, 8, 16, 32, 64) if p <= args.max_procs} | {args.max_procs})
     with tempfile.TemporaryDirectory(prefix="bench_crf_search_") as tmp:
         tmp = Path(tmp)
-        files = make_samples(tmp, args.images, args.voc_root)
+        files = make_search_inputs(tmp, args.images, args.voc_root)
         with np.load(files[0]) as z:
             h, w = z["image"].shape[:2]
         pairs = len(base.coarse_grid()) * len(files)
@@ -136,7 +125,8 @@ def main() -> int:
             print(f"| {p} | {pairs / wall:.2f} | {1000 * wall / pairs:.0f} | {1000 * crf_s:.0f} | "
                   f"{first / wall:.2f}{same} |", flush=True)
         print()
-        print("wall time includes starting the worker processes (spawn) and loading the sample files once per worker")
+        print("wall time includes starting the worker processes (spawn) and loading the search input files once per "
+              "worker")
     return 0
 
 

@@ -24,7 +24,9 @@ import torch  # noqa: E402
 from deeplab_v1.models import build_model  # noqa: E402
 from deeplab_v1.models.vgg import SPECS  # noqa: E402
 from deeplab_v1.weights.caffemodel import CaffeModelError, read_caffemodel  # noqa: E402
-from deeplab_v1.weights.convert import WeightsError, export_caffemodel, load_checkpoint  # noqa: E402
+from deeplab_v1.weights.checkpoint import checkpoint_state_dict, load_checkpoint  # noqa: E402
+from deeplab_v1.weights.errors import WeightsError  # noqa: E402
+from deeplab_v1.weights.export import export_caffemodel  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -42,8 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = build_model(args.model, args.num_classes)
     try:
         if args.checkpoint is not None:
-            state = load_checkpoint(args.checkpoint)
-            model.load_state_dict(state.get("state_dict", state.get("model_state")))
+            model.load_state_dict(checkpoint_state_dict(load_checkpoint(args.checkpoint)))
         export_caffemodel(model, args.out, format=args.format, fc8_name=args.fc8_name, name=args.model)
         net = read_caffemodel(args.out)  # check what was written
     except (WeightsError, CaffeModelError, RuntimeError) as exc:  # RuntimeError: load_state_dict mismatch

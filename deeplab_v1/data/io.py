@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..atomic import atomic_file
+from ..errors import DeepLabError
 
 __all__ = ["DataError", "VOC_CLASSES", "IGNORE_LABEL", "voc_palette", "read_image", "read_label",
            "write_label", "check_label_values"]
@@ -34,7 +35,7 @@ VOC_CLASSES: tuple[str, ...] = (
 IGNORE_LABEL = 255
 
 
-class DataError(ValueError):
+class DataError(DeepLabError, ValueError):
     """Bad input data: a missing, unreadable or inconsistent file. The message names the file and what is
     wrong with it."""
 

@@ -1,5 +1,6 @@
-"""Training checkpoints: written atomically (see ``deeplab_v1.atomic``), read with
-``torch.load(weights_only=True)``, and the latest ``iter_<N>.pth`` found for resuming."""
+"""Training checkpoints: the reader and the atomic writer are ``deeplab_v1.weights.checkpoint``'s (one
+reader, ``torch.load(weights_only=True)``, errors ``CheckpointError`` naming the file), re-exported here;
+this module adds the latest ``iter_<N>.pth`` found for resuming."""
 
 from __future__ import annotations
 
@@ -7,34 +8,11 @@ import re
 from pathlib import Path
 from typing import Optional
 
-import torch
+from ..weights.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 
-from ..atomic import atomic_file
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically."""
-    with atomic_file(path) as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint of ours with ``torch.load(weights_only=True)`` on the CPU.
-
-    Raises:
-        ValueError: the file is missing, unreadable or not a checkpoint dict (the message names the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from exc
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
-    return state
-
+#: ``load_checkpoint`` (a checkpoint of ours: ``state_dict`` or ``model_state``) and ``read_checkpoint``
+#: (any dict, e.g. a bare ImageNet state dict) are the one reader of ``deeplab_v1.weights.checkpoint``.
+__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
 
 _ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
 

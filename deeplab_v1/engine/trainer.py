@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -26,35 +26,16 @@ from tqdm import tqdm
 
 from ..data.datasets import TrainDataset
 from ..data.lists import Sample
+from ..errors import DeepLabError
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .solver import CaffeSGD, caffe_param_groups, learning_rate
 
+if TYPE_CHECKING:  # pragma: no cover - the type only; the engine does not depend on the config module
+    from ..config import TrainConfig
 
-@dataclass
-class TrainSettings:
-    """Everything the loop needs (built by the runner from ``TrainConfig``)."""
 
-    iterations: int
-    batch_size: int
-    iter_size: int
-    crop_size: int
-    base_lr: float
-    lr_policy: str = "step"
-    gamma: float = 0.1
-    step_size: int = 2000
-    power: float = 0.9
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    classifier_lr_mult: float = 10.0
-    lr_mult: Optional[dict] = None
-    label_mode: str = "shrink"
-    label_pad_beg: int = 0
-    mirror: bool = True
-    scale_range: Optional[tuple[float, float]] = None
-    checkpoint_every: int = 2000
-    log_every: int = 10
-    seed: int = 0
-    num_classes: int = 21
+class TrainingDiverged(DeepLabError, FloatingPointError):
+    """The loss became inf or NaN; the message names the iteration and what to change."""
 
 
 @dataclass
@@ -98,9 +79,13 @@ def _batch_indices(position: int, count: int, n: int, seed: int) -> list[tuple[i
 def train(
     model: nn.Module,
     samples: list[Sample],
-    settings: TrainSettings,
+    settings: "TrainConfig",
     checkpoint_dir: Path,
     *,
+    crop_size: int,
+    label_pad_beg: int = 0,
+    seed: int = 0,
+    num_classes: int = 21,
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -111,8 +96,13 @@ def train(
     Args:
         model: built and initialised (the runner loads ``init:``); trained in place.
         samples: training samples (image + label paths).
-        settings: the solver and data settings.
+        settings: the experiment's ``train:`` section (``deeplab_v1.config.TrainConfig``): solver, lr
+            multipliers, crop, mirror, scaling, label mode, checkpoint and log intervals.
         checkpoint_dir: where ``iter_<N>.pth`` and ``final.pth`` go.
+        crop_size: the crop side in pixels (``settings.crop_size`` or the variant's release crop).
+        label_pad_beg: the label shrink's ``pad_beg`` (``VGGDeepLabSpec.train_label_pad_beg``).
+        seed: the experiment's seed (data order, crops, dropout).
+        num_classes: label values above it (but 255) are errors.
         extra_state: metadata stored in every checkpoint (model name, options, config).
 
     Returns:
@@ -127,12 +117,13 @@ def train(
     device = torch.device(device)
     s = settings
     dataset = TrainDataset(
-        samples, s.crop_size, mirror=s.mirror, seed=s.seed,
-        label_shrink=8 if s.label_mode == "shrink" else None, label_pad_beg=s.label_pad_beg,
-        num_classes=s.num_classes, scale_range=s.scale_range,
+        samples, crop_size, mirror=s.mirror, seed=seed,
+        label_shrink=8 if s.label_mode == "shrink" else None, label_pad_beg=label_pad_beg,
+        num_classes=num_classes, scale_range=tuple(s.scale_range) if s.scale_range else None,
     )
     model.to(device)
-    groups = caffe_param_groups(model, s.base_lr, s.weight_decay, s.classifier_lr_mult, lr_mult=s.lr_mult)
+    groups = caffe_param_groups(model, s.base_lr, s.weight_decay, s.classifier_lr_mult,
+                                lr_mult=dict(s.lr_mult) if s.lr_mult else None)
     optimizer = CaffeSGD(groups, momentum=s.momentum)
     checkpoint_dir = Path(checkpoint_dir)
     start = 0
@@ -165,10 +156,10 @@ def train(
                            power=s.power, max_iter=s.iterations)
         optimizer.set_lr(lr)
         optimizer.zero_grad(set_to_none=True)
-        torch.manual_seed(s.seed * 1_000_003 + it)
+        torch.manual_seed(seed * 1_000_003 + it)
         total = 0.0
         for k in range(s.iter_size):
-            idx = _batch_indices((it * s.iter_size + k) * s.batch_size, s.batch_size, len(dataset), s.seed)
+            idx = _batch_indices((it * s.iter_size + k) * s.batch_size, s.batch_size, len(dataset), seed)
             images, labels = [], []
             for epoch, i in idx:
                 dataset.set_epoch(epoch)
@@ -183,13 +174,13 @@ def train(
             elif out.shape[-2:] != y.shape[-2:]:
                 raise ValueError(
                     f"score map {tuple(out.shape[-2:])} and shrunk labels {tuple(y.shape[-2:])} differ: crop "
-                    f"{s.crop_size} does not suit this model (the release uses 321, or 306 for 'deeplab')"
+                    f"{crop_size} does not suit this model (the release uses 321, or 306 for 'deeplab')"
                 )
             loss = segmentation_loss(out, y)
             (loss / s.iter_size).backward()
             total += float(loss.detach()) / s.iter_size
         if not np.isfinite(total):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"loss is {total} at iteration {it + 1}: training diverged (lower train.base_lr, or start from an init)"
             )
         optimizer.step()

@@ -1,6 +1,11 @@
-"""Evaluation: confusion matrix and mIoU over a split, trimap (boundary band) accuracy, the trimap figure."""
+"""Evaluation: confusion matrix and mIoU over a split, trimap (boundary band) accuracy, the trimap figure.
 
-from .metrics import ConfusionAccumulator, confusion_matrix, scores
+The confusion matrix, the scores read from it and the trimap band are ``crf``'s (``crf.confusion``,
+``crf.trimap``): the evaluation reports with the very functions the CRF parameter search scores with.
+"""
+
+from .metrics import ConfusionAccumulator, confusion_matrix, metrics_from_confusion, scores
 from .trimap import TrimapAccumulator, trimap_band
 
-__all__ = ["confusion_matrix", "scores", "ConfusionAccumulator", "trimap_band", "TrimapAccumulator"]
+__all__ = ["confusion_matrix", "metrics_from_confusion", "scores", "ConfusionAccumulator", "trimap_band",
+           "TrimapAccumulator"]

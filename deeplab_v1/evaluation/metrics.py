@@ -3,26 +3,40 @@
 As in the VOC devkit and the release: ONE confusion matrix is accumulated over all images of a split
 (not a mean of per-image scores); ground-truth pixels labelled 255 are ignored.
 
-mIoU rule: IoU_c = TP_c / (TP_c + FP_c + FN_c) = conf[c, c] / (row_c + col_c - conf[c, c]), and mIoU is the
-mean over the classes whose union (row_c + col_c - conf[c, c]) is > 0, i.e. classes present in the ground
-truth or in the prediction. The VOC devkit averages over all 21 classes; on a full VOC split every class
-occurs in the ground truth, so the two rules agree, and on a small subset ours avoids a NaN (or a 0 for a
-class nobody could get right) for classes that appear nowhere.
+The matrix and the scores are those of ``crf.confusion``, the very functions the CRF parameter search
+(``crf.search``) scores its configurations with, so a search objective and an evaluation of the same label
+maps are the same number. mIoU rule: IoU_c = TP_c / (TP_c + FP_c + FN_c) = conf[c, c] / (row_c + col_c -
+conf[c, c]), and mIoU is the mean over the classes whose union (row_c + col_c - conf[c, c]) is > 0, i.e.
+classes present in the ground truth or in the prediction. The VOC devkit averages over all 21 classes; on a
+full VOC split every class occurs in the ground truth, so the two rules agree, and on a small subset ours
+avoids a NaN (or a 0 for a class nobody could get right) for classes that appear nowhere.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import warnings
 
 import numpy as np
 
-__all__ = ["confusion_matrix", "scores", "ConfusionAccumulator"]
+from crf.confusion import (
+    confusion,
+    mean_accuracy,
+    miou,
+    per_class_accuracy,
+    per_class_iou,
+    pixel_accuracy,
+)
+
+__all__ = ["confusion_matrix", "metrics_from_confusion", "scores", "ConfusionAccumulator"]
+
+#: How the evaluation's messages name the two label maps.
+NAMES = ("ground truth", "prediction")
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int = 21, ignore_index: int = 255,
                      mask: np.ndarray | None = None) -> np.ndarray:
-    """Confusion matrix of one label map.
+    """Confusion matrix of one label map (``crf.confusion.confusion``).
 
     Args:
         gt: (H, W) integer ground truth, values 0..num_classes-1 or ``ignore_index``.
@@ -37,35 +51,15 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int = 21, ig
     Raises:
         ValueError: shapes differ (both named), or values out of range.
     """
-    gt, pred = np.asarray(gt), np.asarray(pred)
-    if gt.shape != pred.shape:
-        raise ValueError(f"ground truth shape {gt.shape} and prediction shape {pred.shape} differ")
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != gt.shape:
-            raise ValueError(f"mask shape {mask.shape} and ground truth shape {gt.shape} differ")
-    gt = gt.astype(np.int64, copy=False).ravel()
-    pred = pred.astype(np.int64, copy=False).ravel()
-    keep = gt != ignore_index
-    if mask is not None:
-        keep &= mask.ravel()
-    gt, pred = gt[keep], pred[keep]
-    if gt.size:
-        if gt.min() < 0 or gt.max() >= num_classes:
-            bad = np.unique(gt[(gt < 0) | (gt >= num_classes)])
-            raise ValueError(f"ground truth values {bad[:10].tolist()} are outside 0..{num_classes - 1} and {ignore_index}")
-        if pred.min() < 0 or pred.max() >= num_classes:
-            bad = np.unique(pred[(pred < 0) | (pred >= num_classes)])
-            raise ValueError(f"prediction values {bad[:10].tolist()} are outside 0..{num_classes - 1}")
-    return np.bincount(gt * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return confusion(gt, pred, num_classes, ignore_index, mask, names=NAMES)
 
 
-def _nan_to_none(values: Iterable[float]) -> list[float | None]:
-    return [None if (v is None or math.isnan(v)) else float(v) for v in values]
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
 
 
-def scores(conf: np.ndarray, json_safe: bool = False) -> dict:
-    """Scores of a confusion matrix.
+def metrics_from_confusion(conf: np.ndarray, json_safe: bool = False) -> dict:
+    """The metrics of a confusion matrix.
 
     Args:
         conf: (C, C) counts, rows ground truth, columns prediction.
@@ -77,80 +71,116 @@ def scores(conf: np.ndarray, json_safe: bool = False) -> dict:
         ``mean_accuracy``: mean over classes present in the ground truth of the per-class recall;
         ``per_class_iou``: C floats, NaN (None) for classes with union 0;
         ``per_class_accuracy``: C floats, NaN (None) for classes absent from the ground truth;
-        ``pixels``: counted pixels. With no counted pixels all scores are NaN (None).
+        ``pixels``: counted pixels. With no counted pixels all metrics are NaN (None).
+
+    Raises:
+        ValueError: ``conf`` is not a square matrix.
     """
-    conf = np.asarray(conf, dtype=np.float64)
-    if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
-        raise ValueError(f"confusion matrix must be (C, C), got shape {conf.shape}")
-    tp = np.diag(conf)
-    gt_count = conf.sum(axis=1)
-    pred_count = conf.sum(axis=0)
-    union = gt_count + pred_count - tp
-    total = conf.sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        acc = np.where(gt_count > 0, tp / gt_count, np.nan)
-    miou = float(np.mean(iou[union > 0])) if np.any(union > 0) else math.nan
-    mean_acc = float(np.mean(acc[gt_count > 0])) if np.any(gt_count > 0) else math.nan
-    pixel_acc = float(tp.sum() / total) if total > 0 else math.nan
     out = {
-        "miou": miou,
-        "pixel_accuracy": pixel_acc,
-        "mean_accuracy": mean_acc,
-        "per_class_iou": [float(v) for v in iou],
-        "per_class_accuracy": [float(v) for v in acc],
-        "pixels": int(total),
+        "miou": miou(conf),
+        "pixel_accuracy": pixel_accuracy(conf),
+        "mean_accuracy": mean_accuracy(conf),
+        "per_class_iou": [float(v) for v in per_class_iou(conf)],
+        "per_class_accuracy": [float(v) for v in per_class_accuracy(conf)],
+        "pixels": int(np.asarray(conf).sum()),
     }
     if json_safe:
         for key in ("miou", "pixel_accuracy", "mean_accuracy"):
-            out[key] = _nan_to_none([out[key]])[0]
-        out["per_class_iou"] = _nan_to_none(out["per_class_iou"])
-        out["per_class_accuracy"] = _nan_to_none(out["per_class_accuracy"])
+            out[key] = _none_if_nan(out[key])
+        out["per_class_iou"] = [_none_if_nan(v) for v in out["per_class_iou"]]
+        out["per_class_accuracy"] = [_none_if_nan(v) for v in out["per_class_accuracy"]]
     return out
 
 
-class ConfusionAccumulator:
+def scores(conf: np.ndarray, json_safe: bool = False) -> dict:
+    """Deprecated name of :func:`metrics_from_confusion` ("scores" are the network's fc8 outputs)."""
+    warnings.warn("deeplab_v1.evaluation.metrics.scores is deprecated; use metrics_from_confusion",
+                  DeprecationWarning, stacklevel=2)
+    return metrics_from_confusion(conf, json_safe=json_safe)
+
+
+class CountsAccumulator:
+    """Integer counts summed over the images of a split; ``a + b`` or ``a.merge(b)`` combine accumulators
+    (parallel workers). Subclasses keep their counts in ``counts`` and their images in ``images``, and say
+    what must agree for two accumulators to merge (``_compatible``), how the message puts a mismatch
+    (``_mismatch``), and how to make an empty one like them (``_empty``)."""
+
+    counts: np.ndarray
+    images: int
+
+    def _compatible(self) -> tuple:
+        raise NotImplementedError
+
+    def _mismatch(self, other: "CountsAccumulator") -> str:
+        raise NotImplementedError
+
+    def _empty(self) -> "CountsAccumulator":
+        raise NotImplementedError
+
+    def _check(self, other: "CountsAccumulator") -> None:
+        if not isinstance(other, type(self)):
+            raise TypeError(f"cannot merge a {type(self).__name__} with {type(other).__name__}")
+        if other._compatible() != self._compatible():
+            raise ValueError(self._mismatch(other))
+
+    def merge(self, other: "CountsAccumulator") -> "CountsAccumulator":
+        """Add ``other``'s counts into this accumulator; returns self."""
+        self._check(other)
+        self.counts += other.counts
+        self.images += other.images
+        return self
+
+    def __add__(self, other: "CountsAccumulator") -> "CountsAccumulator":
+        self._check(other)
+        return self._empty().merge(self).merge(other)
+
+
+class ConfusionAccumulator(CountsAccumulator):
     """A confusion matrix summed over the images of a split.
 
     ``update`` adds one image; ``a + b`` or ``a.merge(b)`` combine accumulators (parallel workers).
 
     Attributes:
-        matrix: (C, C) int64, rows ground truth, columns prediction.
+        matrix: (C, C) int64, rows ground truth, columns prediction (also ``counts``).
         images: number of images added.
     """
 
     def __init__(self, num_classes: int = 21, ignore_index: int = 255) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.counts = np.zeros((num_classes, num_classes), dtype=np.int64)
         self.images = 0
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """(C, C) int64 accumulated confusion matrix (the ``counts``)."""
+        return self.counts
+
+    @matrix.setter
+    def matrix(self, value: np.ndarray) -> None:
+        self.counts = value
+
+    def _compatible(self) -> tuple:
+        return (self.num_classes, self.ignore_index)
+
+    def _mismatch(self, other: "ConfusionAccumulator") -> str:
+        return (f"cannot merge accumulators of {self.num_classes} and {other.num_classes} classes "
+                f"(ignore {self.ignore_index} / {other.ignore_index})")
+
+    def _empty(self) -> "ConfusionAccumulator":
+        return ConfusionAccumulator(self.num_classes, self.ignore_index)
 
     def update(self, gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Add one image: gt, pred (H, W) integer maps, optional (H, W) bool mask. See ``confusion_matrix``."""
-        self.matrix += confusion_matrix(gt, pred, self.num_classes, self.ignore_index, mask)
+        self.counts += confusion_matrix(gt, pred, self.num_classes, self.ignore_index, mask)
         self.images += 1
 
+    def metrics(self, json_safe: bool = False) -> dict:
+        """:func:`metrics_from_confusion` of the accumulated matrix, plus ``images``."""
+        return {**metrics_from_confusion(self.counts, json_safe=json_safe), "images": self.images}
+
     def scores(self, json_safe: bool = False) -> dict:
-        """``scores`` of the accumulated matrix, plus ``images``."""
-        return {**scores(self.matrix, json_safe=json_safe), "images": self.images}
-
-    def _check(self, other: "ConfusionAccumulator") -> None:
-        if not isinstance(other, ConfusionAccumulator):
-            raise TypeError(f"cannot merge a ConfusionAccumulator with {type(other).__name__}")
-        if other.num_classes != self.num_classes or other.ignore_index != self.ignore_index:
-            raise ValueError(
-                f"cannot merge accumulators of {self.num_classes} and {other.num_classes} classes "
-                f"(ignore {self.ignore_index} / {other.ignore_index})"
-            )
-
-    def merge(self, other: "ConfusionAccumulator") -> "ConfusionAccumulator":
-        """Add ``other``'s counts into this accumulator; returns self."""
-        self._check(other)
-        self.matrix += other.matrix
-        self.images += other.images
-        return self
-
-    def __add__(self, other: "ConfusionAccumulator") -> "ConfusionAccumulator":
-        self._check(other)
-        out = ConfusionAccumulator(self.num_classes, self.ignore_index)
-        return out.merge(self).merge(other)
+        """Deprecated name of :meth:`metrics`."""
+        warnings.warn("ConfusionAccumulator.scores is deprecated; use ConfusionAccumulator.metrics",
+                      DeprecationWarning, stacklevel=2)
+        return self.metrics(json_safe=json_safe)

@@ -41,16 +41,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..data.transforms import MEAN_BGR, TORCHVISION_MEAN_RGB, TORCHVISION_STD_RGB
 from .aspp import ASPP, BN_MOMENTUM, aspp_rates, init_conv_bn
 from .decoder import Decoder
 from .resnet import ResNetBackbone
 from .xception import XceptionBackbone
 
-#: The pipeline's mean (B, G, R), 0..255; equals ``deeplab_v1.data.transforms.MEAN_BGR`` (a test checks).
-CAFFE_MEAN_BGR: tuple[float, float, float] = (104.008, 116.669, 122.675)
-#: ImageNet normalisation of torchvision-layout weights (RGB, 0..1).
-TORCHVISION_MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
-TORCHVISION_STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: The pipeline's mean (B, G, R), 0..255: ``deeplab_v1.data.transforms.MEAN_BGR`` under the name this
+#: module has always exported.
+CAFFE_MEAN_BGR = MEAN_BGR
 INPUT_SPACES: tuple[str, ...] = ("caffe", "torchvision", "inception")
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .aspp import BN_MOMENTUM, batch_norm, init_conv_bn
+from .state_dict import strip_module_prefix
 
 #: Units per layer (layer1..layer4) of the bottleneck ResNets.
 RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
@@ -264,7 +265,7 @@ def load_resnet_checkpoint(
         source = path
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = dict(state["state_dict"])
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = strip_module_prefix(state)
     report = LoadReport()
     own = backbone.state_dict()
     cascade = tuple(f"layer{i}." for i in range(5, 8))

@@ -34,6 +34,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from ..atomic import atomic_write_bytes
+from ..errors import DeepLabError
 
 __all__ = [
     "CaffeModelError",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-class CaffeModelError(ValueError):
+class CaffeModelError(DeepLabError, ValueError):
     """A file that is not a readable ``.caffemodel`` (missing, truncated, not a NetParameter, a blob whose
     value count disagrees with its shape). The message names the file and, where known, the layer."""
 

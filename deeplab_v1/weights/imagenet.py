@@ -42,15 +42,19 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..data.transforms import MEAN_BGR
-from .convert import SourceLayer, WeightsError, map_source_layers
+from ..data.transforms import MEAN_BGR, TORCHVISION_MEAN_RGB, TORCHVISION_STD_RGB
+from ..models.state_dict import strip_module_prefix
+from .decimation import decimate_fc6, decimate_fc7, decimation_indices
+from .errors import WeightsError
+from .mapping import map_source_layers
+from .report import SourceLayer
 
 __all__ = [
-    "TORCHVISION_MEAN_RGB",
+    "TORCHVISION_MEAN_RGB",  # defined in deeplab_v1.data.transforms (with MEAN_BGR), re-exported
     "TORCHVISION_STD_RGB",
     "VGG16_FEATURE_INDICES",
     "VGG16_CONV_NAMES",
-    "decimation_indices",
+    "decimation_indices",  # defined in .decimation, re-exported
     "decimate_fc6",
     "decimate_fc7",
     "torchvision_conv1_1_to_caffe",
@@ -58,10 +62,6 @@ __all__ = [
     "imagenet_layers",
     "imagenet_to_deeplab",
 ]
-
-#: torchvision's ImageNet normalisation, (R, G, B), on the 0..1 scale.
-TORCHVISION_MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
-TORCHVISION_STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 VGG16_CONV_NAMES: tuple[str, ...] = (
     "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
@@ -71,65 +71,6 @@ VGG16_CONV_NAMES: tuple[str, ...] = (
 VGG16_FEATURE_INDICES: tuple[int, ...] = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 #: ``classifier.<i>`` index of fc6, fc7, fc8 in the PyTorch layout.
 VGG16_CLASSIFIER_INDICES: dict[str, int] = {"fc6": 0, "fc7": 3, "fc8": 6}
-
-
-def decimation_indices(n_src: int, n_dst: int, *, spatial: bool) -> list[int]:
-    """Indices kept when decimating ``n_src`` positions to ``n_dst`` (paper Sec. 3.2).
-
-    Spatial (rows/columns of fc6): an even step that keeps both ends, step = (n_src - 1) / (n_dst - 1):
-    7 -> 4 gives [0, 2, 4, 6], 7 -> 3 gives [0, 3, 6] (7 -> 1 keeps the centre, [3]).
-    Channels: every (n_src / n_dst)-th from 0: 4096 -> 1024 gives [0, 4, ..., 4092].
-
-    Raises:
-        ValueError: ``n_dst`` > ``n_src`` or the step is not an integer.
-    """
-    if not 1 <= n_dst <= n_src:
-        raise ValueError(f"cannot decimate {n_src} to {n_dst}")
-    if spatial:
-        if n_dst == 1:
-            return [n_src // 2]
-        if (n_src - 1) % (n_dst - 1):
-            raise ValueError(f"spatial decimation {n_src} -> {n_dst} has no integer step")
-        return list(range(0, n_src, (n_src - 1) // (n_dst - 1)))
-    if n_src % n_dst:
-        raise ValueError(f"channel decimation {n_src} -> {n_dst} has no integer step")
-    return list(range(0, n_src, n_src // n_dst))
-
-
-def decimate_fc6(
-    weight: torch.Tensor, bias: torch.Tensor, kernel: int, channels: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-    """Decimate fc6 (O, C, K, K) + (O,) to (channels, C, kernel, kernel) + (channels,).
-
-    Returns:
-        (weight, bias, spatial indices kept, output channels kept); tensors are new contiguous copies.
-
-    Raises:
-        ValueError: the sizes do not decimate evenly (see ``decimation_indices``).
-    """
-    o, _, kh, kw = weight.shape
-    if kh != kw:
-        raise ValueError(f"fc6 kernel must be square, got {tuple(weight.shape)}")
-    sp = decimation_indices(kh, kernel, spatial=True)
-    ch = decimation_indices(o, channels, spatial=False)
-    sp_t = torch.tensor(sp, device=weight.device)
-    ch_t = torch.tensor(ch, device=weight.device)
-    w = weight.index_select(0, ch_t).index_select(2, sp_t).index_select(3, sp_t).contiguous()
-    return w, bias.index_select(0, ch_t).contiguous(), sp, ch
-
-
-def decimate_fc7(
-    weight: torch.Tensor, bias: torch.Tensor, in_channels: Sequence[int], out_channels: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep fc7's outputs ``out_channels`` and inputs ``in_channels`` (fc6's kept outputs).
-
-    Args:
-        weight: (O, I, 1, 1). bias: (O,).
-    """
-    out_t = torch.tensor(list(out_channels), device=weight.device)
-    in_t = torch.tensor(list(in_channels), device=weight.device)
-    w = weight.index_select(0, out_t).index_select(1, in_t).contiguous()
-    return w, bias.index_select(0, out_t).contiguous()
 
 
 def torchvision_conv1_1_to_caffe(
@@ -190,9 +131,7 @@ def imagenet_layers(
     """
     if input_space not in ("torchvision", "caffe"):
         raise WeightsError(f"input_space must be 'torchvision' or 'caffe', got {input_space!r}")
-    sd = dict(state_dict)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd = strip_module_prefix(state_dict)
     if "features.1.running_mean" in sd:
         raise WeightsError(
             "this is a VGG-16 with batch normalisation (features.1.running_mean); DeepLab v1 uses plain VGG-16"

@@ -1,16 +1,14 @@
 """``report.md``: what was run and what it measured, as markdown tables (DCNN vs DCNN-CRF, paper Table 1
-and Fig. 5 style)."""
+and Fig. 5 style). Written by the ``evaluate`` stage.
+
+Reads: ``stages/*.json`` (init, CRF parameters, stage times), ``crf_search/best.json``. Writes: ``report.md``.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING
-
-from .data.io import VOC_CLASSES
-from .atomic import atomic_write_text
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .runner import Runner
+from ..atomic import atomic_write_text
+from ..context import RunContext
+from ..data.io import VOC_CLASSES
 
 #: Paper Table 1 (VOC 2012 val, trained on train_aug), mIoU % without / with the CRF.
 PAPER_TABLE1: dict[str, tuple[float, float]] = {
@@ -28,13 +26,13 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
-def write_report(runner: "Runner", metrics: dict, trimap: dict) -> str:
+def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
     """Write ``report.md`` in the run folder atomically and return its text."""
-    cfg = runner.cfg
-    d = runner.dir
+    cfg = ctx.cfg
+    layout = ctx.layout
     lines = [f"# DeepLab experiment `{cfg.name}`", ""]
-    train_rec = d / "stages" / "train.json"
-    init = json.loads(train_rec.read_text()).get("init", "unknown") if train_rec.is_file() else "not trained in this run"
+    train_rec = layout.read_record("train")
+    init = train_rec.get("init", "unknown") if train_rec is not None else "not trained in this run"
     source = cfg.test.score_source
     lines += [
         f"- model: `{cfg.model.name}` ({cfg.model.num_classes} classes)",
@@ -47,14 +45,12 @@ def write_report(runner: "Runner", metrics: dict, trimap: dict) -> str:
         lines.append("- **score source: DIAGNOSTIC degraded ground truth** (not a network; for CRF work only)")
     else:
         lines.append("- score source: the network")
-    if (d / "stages" / "crf.json").is_file():
-        rec = json.loads((d / "stages" / "crf.json").read_text())
-        if not rec.get("skipped"):
-            lines.append(f"- CRF: {rec['params']} (from {rec['params_from']}), backend {cfg.crf.backend}")
-    search = d / "crf_search" / "best.json"
-    if search.is_file():
-        best = json.loads(search.read_text())
-        params = {k: best[k] for k in ("w1", "sigma_alpha", "sigma_beta", "w2", "sigma_gamma", "iterations") if k in best}
+    rec = layout.read_record("crf")
+    if rec is not None and not rec.get("skipped"):
+        lines.append(f"- CRF: {rec['params']} (from {rec['params_from']}), backend {cfg.crf.backend}")
+    best = layout.read_best()
+    if best is not None:
+        params = layout.best_params().to_dict()
         objective = best.get("objective")
         shown = "n/a" if objective is None else f"{100 * objective:.2f} %"
         lines.append(f"- CRF search: best {params}, {best.get('objective_name')} {shown} on {best.get('images')} "
@@ -86,10 +82,10 @@ def write_report(runner: "Runner", metrics: dict, trimap: dict) -> str:
             cells = " | ".join(f"{_pct(trimap[k]['pixel_accuracy'][i])} | {_pct(trimap[k]['miou'][i])}" for k in trimap)
             lines.append(f"| {w} | {cells} |")
         lines += ["", "![trimap](trimap.png)"]
-    secs = runner.stage_seconds()
+    secs = layout.stage_seconds()
     if secs:
         lines += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in secs.items()]
     text = "\n".join(lines) + "\n"
-    atomic_write_text(d / "report.md", text)
+    atomic_write_text(layout.report, text)
     return text

@@ -1,0 +1,79 @@
+"""Worker processes for CRF work: the one pool builder of ``crf.parallel`` (many images, one configuration)
+and ``crf.search`` (many configurations x images).
+
+Workers are started with ``spawn`` (any platform; no inherited torch/OpenMP state) and load their own
+inputs from files, so a task is a few bytes to pickle. N processes x M threads must not exceed the cores:
+each worker gets ``cpu_count // (workers * processes_per_machine)`` threads (at least 1), set before the
+fresh process imports torch so that torch's OpenMP runtime honours it too. pydensecrf itself is
+single-threaded.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from typing import Any, Callable, Optional
+
+__all__ = ["resolve_workers", "worker_threads", "worker_init", "make_executor", "InlineExecutor"]
+
+
+def resolve_workers(workers: int | None) -> int:
+    """``None`` -> ``os.cpu_count()``; otherwise an integer >= 1 (ValueError names a bad value)."""
+    if workers is None:
+        return os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be None or an integer >= 1, got {workers!r}")
+    return workers
+
+
+def worker_threads(workers: int, processes_per_machine: int = 1) -> int:
+    """Threads per worker: the cores shared among ``workers`` x ``processes_per_machine`` (e.g. torchrun's
+    local ranks) processes, at least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers * processes_per_machine))
+
+
+def worker_init(threads: int, backend: str, initializer: Optional[Callable[..., Any]] = None,
+                initargs: tuple = ()) -> None:
+    """Runs first in every worker: caps the threads (``OMP_NUM_THREADS``; torch's for the torch backend),
+    then calls ``initializer(*initargs)`` if given (a module-level function, e.g. the search's cache
+    budget)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def make_executor(workers: int, backend: str, *, processes_per_machine: int = 1,
+                  initializer: Optional[Callable[..., Any]] = None, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """A ``spawn`` pool of ``workers`` processes, each capped to :func:`worker_threads` threads.
+
+    Args:
+        workers: processes in the pool (>= 1).
+        backend: ``"pydensecrf"`` or ``"torch"`` (the torch backend also gets ``torch.set_num_threads``).
+        processes_per_machine: other processes sharing the cores (torchrun's local ranks), 1 by default.
+        initializer, initargs: run in every worker after the thread cap (must be picklable).
+
+    Raises:
+        ValueError: ``workers`` is not an integer >= 1.
+    """
+    workers = resolve_workers(workers)
+    threads = worker_threads(workers, processes_per_machine)
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=worker_init,
+                               initargs=(threads, backend, initializer, initargs))
+
+
+class InlineExecutor(Executor):
+    """Runs a submitted call at once in this process (``workers=1``): the pool's code path, no pool and no
+    thread cap (the caller's process keeps its settings)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed over to the caller through the future
+            fut.set_exception(exc)
+        return fut

@@ -1,0 +1,10 @@
+"""``python -m crf.search`` (and ``torchrun ... -m crf.search``): runs :func:`crf.search.cli.main`.
+
+Worker processes (``spawn``) unpickle the functions of ``crf.search.evaluate``, never this module's; and
+multiprocessing does not re-run a ``__main__`` submodule in them."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""The command line of the search: ``python -m crf.search --samples LIST --out DIR`` (also under
+``torchrun ... -m crf.search``, one process per rank)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from .config import SearchConfig
+from .run import run_search
+
+__all__ = ["DESCRIPTION", "read_list", "main"]
+
+DESCRIPTION = "Coarse-to-fine cross-validation of the CRF's bilateral term (DeepLab v1 Sec. 5)."
+
+
+def read_list(path: Path) -> list[Path]:
+    """The files of a list file: one path a line (relative to the list's folder), ``#`` comments."""
+    if not path.is_file():
+        raise SystemExit(f"--samples: list file {path} does not exist")
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p = Path(line)
+            out.append(p if p.is_absolute() else path.parent / p)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m crf.search --samples LIST.txt --out DIR [--config search.yaml] [--workers N]``.
+
+    LIST.txt holds one search input file per line (relative paths are taken from the list's folder). The
+    YAML file is a mapping of :class:`SearchConfig` fields. Run it under ``torchrun`` (or
+    ``python -m torch.distributed.run``) to split the work across ranks.
+    """
+    ap = argparse.ArgumentParser(prog="python -m crf.search", description=DESCRIPTION)
+    ap.add_argument("--samples", type=Path, required=True, help="text file: one search input file (.npz) per line")
+    ap.add_argument("--out", type=Path, required=True, help="search folder (results.jsonl, ranked.md, ...)")
+    ap.add_argument("--config", type=Path, help="YAML mapping of SearchConfig fields (default: the paper's grid)")
+    ap.add_argument("--workers", type=int, help="worker processes per rank (overrides the YAML)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    values: dict = {}
+    if args.config is not None:
+        import yaml
+
+        if not args.config.is_file():
+            raise SystemExit(f"--config: {args.config} does not exist")
+        values = yaml.safe_load(args.config.read_text()) or {}
+    if args.workers is not None:
+        values["workers"] = args.workers
+    try:
+        config = SearchConfig.from_dict(values)
+    except ValueError as exc:
+        raise SystemExit(f"{args.config}: {exc}")
+    run_search(read_list(args.samples), args.out, config, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,92 @@
+"""What every stage is handed: the experiment, its run folder, the log, the device and the progress switch.
+
+A stage is a function ``run(ctx: RunContext) -> dict`` (``deeplab_v1.stages``); it reads and writes files
+through ``ctx.layout`` only, and returns the details of its completion record.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from .config import ExperimentConfig
+from .data.lists import Sample, load_samples
+from .errors import DeepLabError
+from .layout import RunLayout
+from .models.vgg import SPECS, VGGDeepLabSpec
+
+
+class StageError(DeepLabError, RuntimeError):
+    """A stage cannot run (a missing artifact of an earlier stage, say); the message says which."""
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+def run_logger(layout: RunLayout) -> logging.Logger:
+    """The run's logger: ``run.log`` in the run folder (time-stamped) and the console (``[deeplab] ...``)."""
+    logger = logging.getLogger(f"deeplab.run.{layout.root}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not logger.handlers:
+        fh = logging.FileHandler(layout.log, encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(fh)
+        sh = _TqdmHandler()
+        sh.setFormatter(logging.Formatter("[deeplab] %(message)s"))
+        logger.addHandler(sh)
+    return logger
+
+
+@dataclass
+class RunContext:
+    """One run: ``cfg`` (validated experiment), ``layout`` (its folder), ``log``, ``device``, ``progress``.
+
+    Raises (``create``):
+        StageError: ``device: cuda`` without CUDA.
+    """
+
+    cfg: ExperimentConfig
+    layout: RunLayout
+    log: logging.Logger
+    device: torch.device
+    progress: bool = True
+
+    @classmethod
+    def create(cls, cfg: ExperimentConfig, *, progress: bool = True) -> "RunContext":
+        """The context of ``cfg``'s run folder (created), with its logger."""
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise StageError("device: cuda was asked for but CUDA is not available")
+        layout = RunLayout(cfg.run_dir).ensure()
+        return cls(cfg, layout, run_logger(layout), torch.device(cfg.device), progress)
+
+    @property
+    def v1_spec(self) -> Optional[VGGDeepLabSpec]:
+        """The DeepLab v1 variant's hyper-parameters, or None for the v3/v3+ models."""
+        return SPECS.get(self.cfg.model.name)
+
+    @property
+    def is_v1(self) -> bool:
+        """A DeepLab v1 (VGG-16) model, as opposed to the v3/v3+ variants."""
+        return self.v1_spec is not None
+
+    def test_samples(self) -> list[Sample]:
+        """The test list (labels required when they are evaluated or feed the degraded-GT scores)."""
+        c = self.cfg.data
+        need_labels = "evaluate" in self.cfg.stages or self.cfg.test.score_source != "network"
+        samples = load_samples(c.root, c.test_list, require_labels=need_labels)
+        return samples[: c.max_test_images] if c.max_test_images else samples
+
+    def train_samples(self) -> list[Sample]:
+        """The training list (labels required)."""
+        c = self.cfg.data
+        samples = load_samples(c.root, c.train_list, require_labels=True)
+        return samples[: c.max_train_images] if c.max_train_images else samples

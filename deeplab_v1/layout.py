@@ -1,0 +1,161 @@
+"""The run folder: every path a run writes, and the few file formats the stages share, in one place.
+
+Layout of ``<output_dir>`` (stage that writes -> stages that read)::
+
+    config.yaml              resolved configuration              runner -> (user)
+    run.log                  the log                             every stage
+    stages/<stage>.json      completion records                  runner -> runner, report
+    checkpoints/iter_<N>.pth resumable training state            train -> train
+    checkpoints/final.pth    the trained weights                 train -> test
+    scores/<id>.npz          score cache (``ScoreMap``): the test net's scores
+                                                                 test -> crf_search, crf
+    predictions/dcnn/<id>.png arg-max of the upsampled scores    test -> evaluate
+    predictions/crf/<id>.png  after the fully connected CRF      crf -> evaluate
+    crf_search/images.txt    the search's image ids              crf_search
+    crf_search/samples/<id>.npz search input files (image, probs, label[, band])
+                                                                 crf_search -> crf_search
+    crf_search/results.jsonl, ranked.md, heatmap.png, best.json  crf_search -> crf, report
+    metrics.json trimap.json trimap.png                          evaluate -> report
+    report.md                                                    report
+
+``best.json`` is written by ``crf.search.run_search``; ``RunLayout.best_params`` is its one reader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from crf import CRFParams
+
+from .atomic import atomic_write_json
+from .config import STAGES
+
+#: What each stage writes (relative folders), cleared when the stage is redone.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "train": ("checkpoints",),
+    "test": ("scores", "predictions/dcnn"),
+    "crf_search": ("crf_search",),
+    "crf": ("predictions/crf",),
+    "evaluate": (),
+}
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run folder (module docstring). ``root`` is created by ``ensure``."""
+
+    root: Path
+
+    def ensure(self) -> "RunLayout":
+        """Create the run folder; returns self."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # ------------------------------------------------------------------------------------------ files
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "run.log"
+
+    def record(self, stage: str) -> Path:
+        """``stages/<stage>.json``: the stage's completion record."""
+        return self.root / "stages" / f"{stage}.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final_checkpoint(self) -> Path:
+        return self.checkpoints / "final.pth"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores"
+
+    def score_cache(self, image_id: str) -> Path:
+        """``scores/<id>.npz``: the test net's scores of one image (``engine.inference.ScoreMap``)."""
+        return self.scores / f"{image_id}.npz"
+
+    def predictions(self, method: str) -> Path:
+        """``predictions/<method>/`` for ``dcnn`` or ``crf``."""
+        return self.root / "predictions" / method
+
+    def prediction(self, method: str, image_id: str) -> Path:
+        return self.predictions(method) / f"{image_id}.png"
+
+    @property
+    def crf_search(self) -> Path:
+        return self.root / "crf_search"
+
+    def search_input(self, image_id: str) -> Path:
+        """``crf_search/samples/<id>.npz``: a search input file (image, probs, label[, band])."""
+        return self.crf_search / "samples" / f"{image_id}.npz"
+
+    @property
+    def search_images(self) -> Path:
+        return self.crf_search / "images.txt"
+
+    @property
+    def best(self) -> Path:
+        return self.crf_search / "best.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def trimap(self) -> Path:
+        return self.root / "trimap.json"
+
+    @property
+    def trimap_plot(self) -> Path:
+        return self.root / "trimap.png"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    # ---------------------------------------------------------------------------------------- records
+    def is_done(self, stage: str) -> bool:
+        return self.record(stage).is_file()
+
+    def write_record(self, stage: str, seconds: float, details: dict) -> None:
+        """Write ``stages/<stage>.json`` atomically: ``{"stage", "seconds", **details}``."""
+        atomic_write_json(self.record(stage), {"stage": stage, "seconds": round(seconds, 3), **details})
+
+    def read_record(self, stage: str) -> Optional[dict]:
+        """The stage's completion record, or None when it has not finished."""
+        p = self.record(stage)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds of every finished stage, in pipeline order."""
+        return {s: rec["seconds"] for s in STAGES if (rec := self.read_record(s)) is not None}
+
+    def clear(self, stage: str) -> None:
+        """Forget a stage: its record and everything it wrote (``STAGE_OUTPUTS``)."""
+        self.record(stage).unlink(missing_ok=True)
+        for rel in STAGE_OUTPUTS[stage]:
+            p = self.root / rel
+            if p.is_dir():
+                shutil.rmtree(p)
+
+    # ------------------------------------------------------------------------------------- best.json
+    def read_best(self) -> Optional[dict]:
+        """``crf_search/best.json`` as written by ``crf.search.run_search`` (the parameters at the top
+        level, with ``objective``, ``objective_name``, ``images``, ``configurations``), or None."""
+        return json.loads(self.best.read_text()) if self.best.is_file() else None
+
+    def best_params(self) -> Optional[CRFParams]:
+        """The search's best CRF parameters, or None when there is no finished search."""
+        best = self.read_best()
+        return None if best is None else CRFParams.from_dict(
+            {k: best[k] for k in ("w1", "sigma_alpha", "sigma_beta", "w2", "sigma_gamma", "iterations")})

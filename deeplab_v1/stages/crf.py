@@ -1,0 +1,65 @@
+"""The ``crf`` stage: the fully connected CRF (paper Sec. 4.2) on every test image's cached scores.
+
+Reads: ``scores/<id>.npz`` (score cache), the test images, ``crf_search/best.json`` (when
+``crf.use_search``). Writes: ``predictions/crf/<id>.png`` (VOC palette). Runs through
+``crf.parallel.run_crf_many`` on every core; finished images are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crf import CRFParams
+from crf.parallel import CRFTask, run_crf_many
+
+from ..context import RunContext, StageError
+from ..data.io import read_image, write_label
+from ..engine.inference import ScoreMap
+
+
+def crf_inputs(task: CRFTask) -> tuple[np.ndarray, np.ndarray]:
+    """A CRF worker's inputs: the image (BGR file -> RGB for the bilateral kernel) and the softmax of the
+    cached scores upsampled as Caffe's INTERP does."""
+    image = read_image(task.image)[:, :, ::-1].copy()
+    probs = torch.softmax(ScoreMap.load(Path(task.sample)).upsampled(), 0).numpy()
+    return image, probs
+
+
+def crf_params(ctx: RunContext) -> tuple[CRFParams, str]:
+    """The CRF parameters and where they come from: the search's best (``crf.use_search`` and a finished
+    search) or ``crf.params``."""
+    best = ctx.layout.best_params() if ctx.cfg.crf.use_search else None
+    if best is not None:
+        return best, "crf_search best"
+    return ctx.cfg.crf.params, "config"
+
+
+def run(ctx: RunContext) -> dict:
+    """Run the CRF on every test image; returns the stage record's details.
+
+    Raises:
+        StageError: an image has no cached scores (the test stage did not run).
+    """
+    if not ctx.cfg.crf.enabled:
+        ctx.log.info("crf.enabled is false: CRF skipped")
+        return {"skipped": True}
+    samples = ctx.test_samples()
+    params, origin = crf_params(ctx)
+    ctx.layout.predictions("crf").mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for s in samples:
+        cache = ctx.layout.score_cache(s.id)
+        if not cache.is_file():
+            raise StageError(f"crf: no cached scores for {s.id} ({cache}); run the test stage first")
+        tasks.append(CRFTask(str(cache), str(ctx.layout.prediction("crf", s.id)), image=str(s.image)))
+    ctx.log.info(f"crf: {len(tasks)} images, params {params.to_dict()} from {origin}, backend {ctx.cfg.crf.backend}")
+    summary = run_crf_many(
+        tasks, params, workers=ctx.cfg.crf.workers, backend=ctx.cfg.crf.backend, device=ctx.cfg.crf.device,
+        progress=ctx.progress, load=crf_inputs, write=write_label,
+    )
+    mean = summary.crf_seconds / summary.done if summary.done else 0.0
+    ctx.log.info(summary.line())
+    return {"params": params.to_dict(), "params_from": origin, "images": len(samples), "seconds_per_image": mean}

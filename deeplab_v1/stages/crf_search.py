@@ -1,0 +1,92 @@
+"""The ``crf_search`` stage: the paper's cross-validation of the CRF's bilateral term on cached scores.
+
+Source: DeepLab v1 Sec. 5 ("we fix w2 = 3 and sigma_gamma = 3 and search for the best values of w1,
+sigma_alpha and sigma_beta by cross-validation on a small subset of the validation set (we use 100
+images)... coarse-to-fine search scheme"). The release drew the images at random with a fixed seed.
+
+The stage never runs the network: it reads the test stage's score cache, upsamples the scores and turns
+them into probabilities ONCE per image (a search input file per image: image, probabilities, label and,
+for the trimap objective, the band), then hands the files to ``crf.search.run_search``, which evaluates
+every configuration on every image (on all cores; across machines with torchrun) and appends each
+finished configuration to ``results.jsonl`` so that a killed search resumes.
+
+Reads: ``scores/<id>.npz``, the test images and labels. Writes: ``crf_search/images.txt``,
+``crf_search/samples/<id>.npz`` (search input files), and through ``run_search`` ``results.jsonl``,
+``ranked.md``, ``heatmap.png``, ``best.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crf.search import run_search
+
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..context import RunContext, StageError
+from ..data.io import read_image, read_label
+from ..engine.inference import ScoreMap
+from ..evaluation.trimap import trimap_band
+
+
+def choose_subset(ids: list[str], count: int, seed: int) -> list[str]:
+    """``count`` ids drawn without replacement with a fixed seed, in list order (all if fewer)."""
+    if count >= len(ids):
+        return list(ids)
+    pick = np.random.default_rng(seed).choice(len(ids), size=count, replace=False)
+    return [ids[i] for i in sorted(pick)]
+
+
+def write_search_input(path: Path, image_path: Path, label_path: Path, scores_path: Path, num_classes: int,
+                       trimap_width: int | None) -> None:
+    """One search input file (``.npz``): ``image`` (H, W, 3) uint8 RGB, ``probs`` (C, H, W) float16 (softmax
+    of the upsampled scores), ``label`` (H, W) uint8 and, if ``trimap_width`` is given, ``band`` (H, W)
+    bool."""
+    image = read_image(image_path)[:, :, ::-1]
+    label = read_label(label_path, num_classes)
+    probs = torch.softmax(ScoreMap.load(scores_path).upsampled(), 0).numpy().astype(np.float16)
+    arrays = {"image": np.ascontiguousarray(image), "probs": probs, "label": label}
+    if trimap_width is not None:
+        arrays["band"] = trimap_band(label, trimap_width)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(ctx: RunContext) -> dict:
+    """Run the search; returns the stage record's details.
+
+    Raises:
+        StageError: the test stage's scores are missing.
+    """
+    cfg = ctx.cfg
+    s = cfg.crf_search
+    if not s.enabled:
+        ctx.log.info("crf_search.enabled is false: search skipped")
+        return {"skipped": True}
+    search = s.search
+    samples = {x.id: x for x in ctx.test_samples()}
+    ids = choose_subset(list(samples), s.num_images, s.seed)
+    atomic_write_text(ctx.layout.search_images, "\n".join(ids) + "\n")
+    files = []
+    width = search.trimap_width if search.objective == "trimap_miou" else None
+    for i in ids:
+        scores = ctx.layout.score_cache(i)
+        if not scores.is_file():
+            raise StageError(f"crf_search: no cached scores for {i} ({scores}); run the test stage first")
+        f = ctx.layout.search_input(i)
+        if not f.is_file():
+            write_search_input(f, samples[i].image, samples[i].label, scores, cfg.model.num_classes, width)
+        files.append(f)
+    diagnostic = cfg.test.score_source != "network"
+    search = dataclasses.replace(
+        search, label="DIAGNOSTIC degraded-ground-truth scores, not a network" if diagnostic else "")
+    ctx.log.info(f"crf_search: {len(ids)} images, objective {search.objective}"
+                 f"{' on DIAGNOSTIC degraded-GT scores' if diagnostic else ''}")
+    result = run_search(files, ctx.layout.crf_search, search, progress=ctx.progress)
+    return {"images": len(ids), "best": result.best.to_dict(), "objective": search.objective,
+            "best_objective": result.best_objective}
