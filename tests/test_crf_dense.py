@@ -201,3 +201,24 @@ def test_run_crf_many_errors_name_the_file(tmp_path):
     with pytest.raises(RuntimeError, match=r"missing\.npz does not exist"):
         run_crf_many([CRFTask(missing, tmp_path / "m.png")], PARAMS, workers=1, progress=False)
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "m.png").exists()
+
+
+# --- what crf and deeplab_v1.evaluation share is public --------------------------------------------
+
+
+def test_no_private_name_is_imported_across_modules():
+    """Shared pieces are public and documented: no ``from x import _name`` of a project module, anywhere in a
+    file of crf or deeplab_v1.evaluation (cycles and crf -> deeplab_v1 are tests/test_architecture.py's)."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    found = []
+    for path in sorted(p for pkg in ("crf", "deeplab_v1/evaluation") for p in (repo / pkg).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            project = isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").split(".")[0] in ("crf", "deeplab_v1"))
+            if project:
+                found += [f"{path.relative_to(repo)}: {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []

@@ -267,6 +267,7 @@ def test_cuda_unavailable_is_a_clear_runtime_error():
         resolve_device("cuda:0")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 def test_cuda_matches_cpu():
     image, probs = _synthetic(40, 50, 4, seed=13)

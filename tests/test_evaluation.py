@@ -21,7 +21,6 @@ from deeplab_v1.evaluation import (
     TrimapAccumulator,
     confusion_matrix,
     metrics_from_confusion,
-    scores,
     trimap_band,
 )
 from deeplab_v1.evaluation.plots import plot_trimap
@@ -66,18 +65,6 @@ def test_metrics_hand_case() -> None:
     json.dumps(safe, allow_nan=False)
     empty = metrics_from_confusion(np.zeros((3, 3), np.int64), json_safe=True)
     assert empty["miou"] is None and empty["pixel_accuracy"] is None
-
-
-def test_former_names_scores_are_deprecated_aliases() -> None:
-    """``scores(conf)`` and ``ConfusionAccumulator.scores()`` are the former names ("scores" are fc8 outputs)."""
-    conf = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]])
-    with pytest.warns(DeprecationWarning, match="metrics_from_confusion"):
-        old = scores(conf, json_safe=True)
-    assert old == metrics_from_confusion(conf, json_safe=True)
-    acc = ConfusionAccumulator(3)
-    acc.update(np.array([[0, 1]]), np.array([[0, 0]]))
-    with pytest.warns(DeprecationWarning, match=r"\.metrics"):
-        assert acc.scores(json_safe=True) == acc.metrics(json_safe=True)
 
 
 def test_confusion_matrix_errors() -> None:

@@ -481,56 +481,6 @@ def test_strip_module_prefix_only_when_every_key_has_it():
     assert strip_module_prefix({}) == {}
 
 
-def test_weights_package_has_no_import_cycle():
-    """Every import under ``deeplab_v1/weights`` (module level, inside functions, ``importlib``) and of
-    ``engine/checkpoint.py``: the graph between these modules has no cycle. A submodule's edge to its own
-    package (already executing when it runs) does not count."""
-    import ast
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    files = sorted((root / "deeplab_v1" / "weights").glob("*.py")) + [root / "deeplab_v1" / "engine" / "checkpoint.py"]
-
-    def name(p: Path) -> str:
-        parts = list(p.relative_to(root).with_suffix("").parts)
-        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-    mods = {name(p): p for p in files}
-    graph: dict[str, set[str]] = {m: set() for m in mods}
-    for m, p in mods.items():
-        package = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-                mod = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
-                targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
-                    "import_module", "__import__"):
-                raise AssertionError(f"{m}: dynamic import (line {node.lineno})")
-            else:
-                continue
-            for t in targets:
-                parts = t.split(".")
-                for i in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b as well
-                    cand = ".".join(parts[:i])
-                    if cand in mods and cand != m and not m.startswith(cand + "."):
-                        graph[m].add(cand)
-    done: set[str] = set()
-
-    def visit(m: str, path: list[str]) -> None:
-        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
-        if m not in done:
-            for d in sorted(graph[m]):
-                visit(d, path + [m])
-            done.add(m)
-
-    for m in sorted(mods):
-        visit(m, [])
-    assert "deeplab_v1.weights.imagenet" not in graph["deeplab_v1.weights.mapping"]
-
-
 # ------------------------------------------------------------------------------------ ImageNet VGG-16
 
 _VGG_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)

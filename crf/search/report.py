@@ -129,7 +129,8 @@ def heatmap_png(config: SearchConfig, records: dict[tuple, dict], best: CRFParam
     return buf.getvalue()
 
 
-def best_json(best: CRFParams, best_rec: dict, key: dict, config: SearchConfig, images: int, configurations: int) -> dict:
+def best_json(best: CRFParams, best_rec: dict, key: dict, config: SearchConfig, images: int,
+              configurations: int) -> dict:
     """``best.json``: ``CRFParams.to_dict()`` of the best configuration at the top level (what
     ``crf.CRFParams.from_dict`` of its parameter keys gives back) plus its scores and the search's key."""
     return {**best.to_dict(), "objective": best_rec.get("objective"), "objective_name": key["objective_name"],
@@ -144,6 +145,7 @@ def write_outputs(out_dir: Path, config: SearchConfig, key: dict, records: dict[
     title = config.objective_name + ("" if callable(config.objective) else " (%)")
     if config.label:
         title = f"{title} [{config.label}]"
-    atomic_write_text(out_dir / "ranked.md", ranked_markdown(rows, key, images, callable(config.objective), config.label))
+    table = ranked_markdown(rows, key, images, callable(config.objective), config.label)
+    atomic_write_text(out_dir / "ranked.md", table)
     atomic_write_bytes(out_dir / "heatmap.png", heatmap_png(config, records, best, title))
     atomic_write_json(out_dir / "best.json", best_json(best, records[param_key(best)], key, config, images, len(rows)))

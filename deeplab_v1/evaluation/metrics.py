@@ -15,7 +15,6 @@ avoids a NaN (or a 0 for a class nobody could get right) for classes that appear
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
@@ -28,7 +27,7 @@ from crf.confusion import (
     pixel_accuracy,
 )
 
-__all__ = ["confusion_matrix", "metrics_from_confusion", "scores", "ConfusionAccumulator"]
+__all__ = ["confusion_matrix", "metrics_from_confusion", "ConfusionAccumulator"]
 
 #: How the evaluation's messages name the two label maps.
 NAMES = ("ground truth", "prediction")
@@ -90,13 +89,6 @@ def metrics_from_confusion(conf: np.ndarray, json_safe: bool = False) -> dict:
         out["per_class_iou"] = [_none_if_nan(v) for v in out["per_class_iou"]]
         out["per_class_accuracy"] = [_none_if_nan(v) for v in out["per_class_accuracy"]]
     return out
-
-
-def scores(conf: np.ndarray, json_safe: bool = False) -> dict:
-    """Deprecated name of :func:`metrics_from_confusion` ("scores" are the network's fc8 outputs)."""
-    warnings.warn("deeplab_v1.evaluation.metrics.scores is deprecated; use metrics_from_confusion",
-                  DeprecationWarning, stacklevel=2)
-    return metrics_from_confusion(conf, json_safe=json_safe)
 
 
 class CountsAccumulator:
@@ -178,9 +170,3 @@ class ConfusionAccumulator(CountsAccumulator):
     def metrics(self, json_safe: bool = False) -> dict:
         """:func:`metrics_from_confusion` of the accumulated matrix, plus ``images``."""
         return {**metrics_from_confusion(self.counts, json_safe=json_safe), "images": self.images}
-
-    def scores(self, json_safe: bool = False) -> dict:
-        """Deprecated name of :meth:`metrics`."""
-        warnings.warn("ConfusionAccumulator.scores is deprecated; use ConfusionAccumulator.metrics",
-                      DeprecationWarning, stacklevel=2)
-        return self.metrics(json_safe=json_safe)

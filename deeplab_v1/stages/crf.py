@@ -21,10 +21,10 @@ from ..engine.inference import ScoreMap
 
 
 def crf_inputs(task: CRFTask) -> tuple[np.ndarray, np.ndarray]:
-    """A CRF worker's inputs: the image (BGR file -> RGB for the bilateral kernel) and the softmax of the
+    """A CRF worker's inputs (``task.inputs`` names the score cache): the image (BGR file -> RGB for the bilateral kernel) and the softmax of the
     cached scores upsampled as Caffe's INTERP does."""
     image = read_image(task.image)[:, :, ::-1].copy()
-    probs = torch.softmax(ScoreMap.load(Path(task.sample)).upsampled(), 0).numpy()
+    probs = torch.softmax(ScoreMap.load(Path(task.inputs)).upsampled(), 0).numpy()
     return image, probs
 
 

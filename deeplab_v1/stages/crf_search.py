@@ -18,19 +18,19 @@ Reads: ``scores/<id>.npz``, the test images and labels. Writes: ``crf_search/ima
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from crf.input_files import write_search_input
 from crf.search import run_search
+from crf.trimap import trimap_band
 
-from ..atomic import atomic_write_bytes, atomic_write_text
+from ..atomic import atomic_write_text
 from ..context import RunContext, StageError
 from ..data.io import read_image, read_label
 from ..engine.inference import ScoreMap
-from ..evaluation.trimap import trimap_band
 
 
 def choose_subset(ids: list[str], count: int, seed: int) -> list[str]:
@@ -41,20 +41,16 @@ def choose_subset(ids: list[str], count: int, seed: int) -> list[str]:
     return [ids[i] for i in sorted(pick)]
 
 
-def write_search_input(path: Path, image_path: Path, label_path: Path, scores_path: Path, num_classes: int,
-                       trimap_width: int | None) -> None:
-    """One search input file (``.npz``): ``image`` (H, W, 3) uint8 RGB, ``probs`` (C, H, W) float16 (softmax
-    of the upsampled scores), ``label`` (H, W) uint8 and, if ``trimap_width`` is given, ``band`` (H, W)
-    bool."""
+def make_search_input(path: Path, image_path: Path, label_path: Path, scores_path: Path, num_classes: int,
+                      trimap_width: int | None) -> None:
+    """One search input file (``crf.input_files.write_search_input``): ``image`` (H, W, 3) uint8 RGB,
+    ``probs`` (C, H, W) float16 (softmax of the upsampled scores), ``label`` (H, W) uint8 and, if
+    ``trimap_width`` is given, ``band`` (H, W) bool."""
     image = read_image(image_path)[:, :, ::-1]
     label = read_label(label_path, num_classes)
     probs = torch.softmax(ScoreMap.load(scores_path).upsampled(), 0).numpy().astype(np.float16)
-    arrays = {"image": np.ascontiguousarray(image), "probs": probs, "label": label}
-    if trimap_width is not None:
-        arrays["band"] = trimap_band(label, trimap_width)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    band = trimap_band(label, trimap_width) if trimap_width is not None else None
+    write_search_input(path, image, probs, label, band)
 
 
 def run(ctx: RunContext) -> dict:
@@ -80,7 +76,7 @@ def run(ctx: RunContext) -> dict:
             raise StageError(f"crf_search: no cached scores for {i} ({scores}); run the test stage first")
         f = ctx.layout.search_input(i)
         if not f.is_file():
-            write_search_input(f, samples[i].image, samples[i].label, scores, cfg.model.num_classes, width)
+            make_search_input(f, samples[i].image, samples[i].label, scores, cfg.model.num_classes, width)
         files.append(f)
     diagnostic = cfg.test.score_source != "network"
     search = dataclasses.replace(

@@ -45,7 +45,7 @@ def run(ctx: RunContext) -> dict:
             pred = read_label(p, n)
             conf[k].update(gt, pred)
             tri[k].update(gt, pred)
-    metrics = {k: conf[k].scores(json_safe=True) for k in methods}
+    metrics = {k: conf[k].metrics(json_safe=True) for k in methods}
     metrics["images"] = len(samples)
     metrics["score_source"] = cfg.test.score_source
     atomic_write_json(ctx.layout.metrics, metrics)

@@ -1,0 +1,104 @@
+"""The house rules, checked on the source: no import cycle between project modules (module-level,
+function-level and importlib imports all count), ``crf`` imports nothing of ``deeplab_v1``, nothing but
+the CLI imports the runner, and no source file over 600 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("deeplab_v1", "crf")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _sources() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
+
+
+def _imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """Project modules ``module`` imports anywhere in its file (importing a.b.c runs a and a.b too; a
+    submodule's import of its own parent package, which is already running, does not count)."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            name = str(node.args[0].value)
+            if name.startswith("."):
+                name = package + name if name != "." else package
+            targets = [name]
+        else:
+            continue
+        for t in targets:
+            parts = t.split(".")
+            for i in range(1, len(parts) + 1):
+                cand = ".".join(parts[:i])
+                if cand in known and cand != module and not module.startswith(cand + "."):
+                    found.add(cand)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _sources()
+    return {m: _imports(m, p, set(mods)) for m, p in mods.items()}
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
+        if m in done:
+            return
+        for n in sorted(graph[m]):
+            visit(n, path + [m])
+        done.add(m)
+
+    for m in graph:
+        visit(m, [])
+
+
+def test_the_graph_sees_function_level_imports():
+    """The check would catch a lazy import (the kind that used to hide cycles)."""
+    src = REPO / "crf" / "params.py"
+    assert "crf.dense" not in _imports("crf.params", src, {"crf.dense", "crf.params"})
+    fake = REPO / "crf" / "_probe.py"
+    try:
+        fake.write_text("def f():\n    from .dense import dense_crf\n    import importlib\n    importlib.import_module('crf.params')\n")
+        found = _imports("crf._probe", fake, {"crf.dense", "crf.params", "crf._probe"})
+    finally:
+        fake.unlink()
+    assert found == {"crf.dense", "crf.params"}
+
+
+def test_crf_never_imports_deeplab_v1():
+    graph = _graph()
+    bad = {m: sorted(n for n in deps if n.startswith("deeplab_v1")) for m, deps in graph.items() if m.startswith("crf")}
+    assert not any(bad.values()), {m: d for m, d in bad.items() if d}
+
+
+def test_nothing_but_the_cli_imports_the_runner():
+    graph = _graph()
+    users = sorted(m for m, deps in graph.items() if "deeplab_v1.runner" in deps)
+    assert users == ["deeplab_v1.cli"]
+
+
+def test_no_source_file_over_600_lines():
+    files = [p for pkg in (*PACKAGES, "tools") for p in (REPO / pkg).rglob("*.py")]
+    long = {str(p.relative_to(REPO)): n for p in files if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
+    assert not long, long
