@@ -102,3 +102,15 @@ def test_no_source_file_over_600_lines():
     files = [p for pkg in (*PACKAGES, "tools") for p in (REPO / pkg).rglob("*.py")]
     long = {str(p.relative_to(REPO)): n for p in files if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
     assert not long, long
+
+
+def test_public_api_stays_importable():
+    """The names users and scripts call (docs/architecture.md), wherever their modules moved."""
+    from crf import CRFParams, dense_crf, run_search  # noqa: F401
+    from crf.search import SearchConfig, run_search as run_search2  # noqa: F401
+    from deeplab_v1.engine.inference import ScoreMap, predict  # noqa: F401
+    from deeplab_v1.models import build_model  # noqa: F401
+    from deeplab_v1.weights import load_init  # noqa: F401
+
+    assert run_search is run_search2
+    assert len(SearchConfig().coarse_grid()) == 96 and callable(SearchConfig.refine)
