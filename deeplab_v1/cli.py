@@ -30,6 +30,7 @@ def _add_common(p: argparse.ArgumentParser, optional_experiment: bool = False) -
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.iterations=100 (repeatable; YAML values)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,10 +83,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:  # one stage; --redo reruns this stage alone, not the ones after it
             stage = args.command.replace("-", "_")
             Runner(cfg, progress=not args.no_progress, redo_only=[stage] if args.redo else []).run([stage])
-    except DeepLabError as exc:
-        print(f"deeplab: error: {exc}", file=sys.stderr)
+    except (DeepLabError, OSError) as exc:  # bad input, or a file the system refused (permissions, disk)
+        if args.debug:
+            raise
+        print(f"deeplab: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("deeplab: interrupted (a rerun resumes where it stopped)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal fault: one line, and how to see and report it
+        if args.debug:
+            raise
+        print(f"deeplab: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line (multi-line messages joined with ' | ')."""
+    text = str(exc) or type(exc).__name__
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -307,7 +307,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise bad
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string; YAML 1.2 and users mean a number
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise bad
         return float(value)
     if tp is str:
@@ -444,6 +449,19 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
         v = getattr(cfg.data, key)
         if v is not None and v < 1:
             fail(f"data.{key}", f"must be >= 1 or null, got {v}")
+    # sizes: null takes the variant's release value; 0 or less is a mistake, never a silent default
+    if cfg.train.crop_size is not None and cfg.train.crop_size < 1:
+        fail("train.crop_size", f"must be a positive number of pixels (or null: the release's crop), got {cfg.train.crop_size}")
+    if cfg.test.size is not None and cfg.test.size < 1:
+        fail("test.size", f"must be a positive number of pixels (or null: the release's test size), got {cfg.test.size}")
+    for key in ("crf.workers",):
+        v = cfg.crf.workers
+        if v is not None and v < 1:
+            fail(key, f"must be >= 1 worker processes (or null: one per core), got {v}")
+    if cfg.train.output_stride is not None and cfg.train.output_stride not in (8, 16, 32):
+        fail("train.output_stride", f"must be 8, 16 or 32, got {cfg.train.output_stride}")
+    if cfg.test.output_stride is not None and cfg.test.output_stride not in (8, 16, 32):
+        fail("test.output_stride", f"must be 8, 16 or 32, got {cfg.test.output_stride}")
     s = cfg.crf_search
     if s.num_images < 1:
         fail("crf_search.num_images", f"must be >= 1, got {s.num_images}")

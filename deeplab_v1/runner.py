@@ -2,28 +2,78 @@
 crf_search -> crf -> evaluate, which are decoupled through the files of the run layout
 (``deeplab_v1.layout``).
 
-A stage that finds its completion record (``stages/<stage>.json``) is skipped, so a rerun resumes; ``redo``
-reruns named stages and the stages after them (``redo_only`` the named stages alone). Within a stage,
-finished per-image files are kept, so a killed test or CRF stage continues where it stopped.
+A stage whose completion record (``stages/<stage>.json``) carries the fingerprint it would have now
+(``deeplab_v1.fingerprints``: the config keys and files it depends on, and the stages before it) is
+skipped, so a rerun resumes; a stage whose fingerprint changed is redone, and the log names the changed
+keys. ``redo`` reruns named stages and the stages after them (``redo_only`` the named stages alone),
+finished or not. Within a stage, finished per-image files are kept, so a killed test or CRF stage
+continues where it stopped; a stage started under another fingerprint (``stages/<stage>.started.json``)
+starts from scratch. One run folder has one writer at a time (``.lock`` holds its pid; the lock of a dead
+process is taken over).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from typing import Iterable, Optional
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
 
 import yaml
 
 from . import config as config_mod
-from .atomic import atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text
 from .config import ExperimentConfig
 from .context import RunContext, StageError
 from .data.lists import Sample
+from .fingerprints import UPSTREAM, changed_keys, fingerprint, stage_inputs
 from .layout import STAGES
 from .stages import STAGE_RUNNERS
 
-__all__ = ["Runner", "StageError"]
+__all__ = ["Runner", "StageError", "run_lock"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``<folder>/.lock`` (the holder's pid) while the block runs.
+
+    Raises:
+        StageError: another live process holds it (names its pid and the folder).
+    """
+    lock = Path(folder) / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise StageError(f"{folder}: the run folder is in use by process {pid} (its lock {lock}); wait for "
+                                 "it, or choose another output_dir") from None
+            lock.unlink(missing_ok=True)  # a stale lock of a dead process: take it over
+    else:  # pragma: no cover - a racing writer took it between our unlink and open
+        raise StageError(f"{folder}: could not take the run folder's lock {lock}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 class Runner:
@@ -60,36 +110,72 @@ class Runner:
         if any(s in self.cfg.stages for s in ("test", "crf", "evaluate", "crf_search")):
             self.ctx.test_samples()
 
+    def fingerprint(self, stage: str) -> tuple[str, dict]:
+        """(fingerprint, inputs) of ``stage`` now: its config keys and files, and the fingerprints recorded
+        by the stages it reads from."""
+        inputs = stage_inputs(stage, config_mod.to_dict(self.cfg))
+        upstream = {u: (self.layout.read_record(u) or {}).get("fingerprint") for u in UPSTREAM[stage]}
+        return fingerprint(inputs, upstream), inputs
+
     def run(self, stages: Optional[list[str]] = None) -> dict:
-        """Run ``stages`` (default: the config's), skipping finished ones. Returns the metrics (or {}).
+        """Run ``stages`` (default: the config's), skipping finished ones whose fingerprint is unchanged.
+        Returns the metrics (or {}).
 
         Raises:
-            StageError: an unknown stage, or what a stage raises.
+            StageError: an unknown stage, a run folder in use, or what a stage raises.
         """
         stages = stages or list(self.cfg.stages)
         for s in stages:
             if s not in STAGES:
                 raise StageError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
         self.check_inputs()
-        atomic_write_text(self.layout.config, yaml.safe_dump(config_mod.to_dict(self.cfg), sort_keys=False))
+        with run_lock(self.layout.root):
+            return self._run(stages)
+
+    def _remove_torn_writes(self) -> None:
+        """Temporary files of atomic writes killed midway (``.<name>.*.tmp``, ``crf.atomic``): with the
+        lock held nobody else is writing, so every one left in the run folder is garbage."""
+        for tmp in self.layout.root.rglob(".*.tmp"):
+            if tmp.is_file():
+                self.log.info(f"removing {tmp}: the temporary file of a write that was killed")
+                tmp.unlink(missing_ok=True)
+
+    def _run(self, stages: list[str]) -> dict:
+        self._remove_torn_writes()
         cleared = set(self.redo_only)
         if self.redo:
             cleared |= set(STAGES[min(STAGES.index(s) for s in self.redo):])
-        for s in cleared:
-            if self.layout.is_done(s):
-                self.layout.clear(s)
+        for s in cleared:  # finished or not: its artifacts go
+            self.layout.clear(s)
+            self._started(s).unlink(missing_ok=True)
         t_all = time.perf_counter()
+        wrote_config = False
         for stage in STAGES:
             if stage not in stages:
                 continue
-            if self.layout.is_done(stage):
+            fp, inputs = self.fingerprint(stage)
+            rec = self.layout.read_record(stage)
+            if rec is not None and rec.get("fingerprint") == fp:
                 self.log.info(f"stage {stage}: done already (skipped; --redo {stage} to rerun)")
                 continue
+            if rec is not None:
+                keys = changed_keys(rec.get("inputs", {}), inputs) or ["the stages before it"]
+                self.log.info(f"stage {stage}: its inputs changed since it ran ({', '.join(keys)}): redoing it")
+                self.layout.clear(stage)
+            started = self._read_started(stage)
+            if started is not None and started.get("fingerprint") != fp:
+                self.log.info(f"stage {stage}: a run under other inputs left partial outputs: starting afresh")
+                self.layout.clear(stage)
+            atomic_write_json(self._started(stage), {"fingerprint": fp})
+            if not wrote_config:  # config.yaml is rewritten only together with work it describes
+                atomic_write_text(self.layout.config, yaml.safe_dump(config_mod.to_dict(self.cfg), sort_keys=False))
+                wrote_config = True
             self.log.info(f"stage {stage}: start")
             t0 = time.perf_counter()
             details = STAGE_RUNNERS[stage](self.ctx) or {}
             seconds = time.perf_counter() - t0
-            self.layout.write_record(stage, seconds, details)
+            self.layout.write_record(stage, seconds, {**details, "fingerprint": fp, "inputs": inputs})
+            self._started(stage).unlink(missing_ok=True)
             self.log.info(f"stage {stage}: finished in {seconds:.1f} s")
         metrics = {}
         if self.layout.metrics.is_file():
@@ -99,3 +185,13 @@ class Runner:
             )
             self.log.info(f"run {self.cfg.name}: {summary} ({time.perf_counter() - t_all:.1f} s); report: {self.layout.report}")
         return metrics
+
+    def _started(self, stage: str) -> Path:
+        return self.layout.record(stage).with_suffix(".started.json")
+
+    def _read_started(self, stage: str) -> Optional[dict]:
+        p = self._started(stage)
+        try:
+            return json.loads(p.read_text()) if p.is_file() else None
+        except (OSError, ValueError):
+            return {}

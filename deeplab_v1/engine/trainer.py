@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..data.datasets import TrainDataset
 from ..data.lists import Sample
 from ..errors import DeepLabError
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
 from .solver import CaffeSGD, caffe_param_groups, learning_rate
 
 if TYPE_CHECKING:  # pragma: no cover - the type only; the engine does not depend on the config module
@@ -127,11 +127,11 @@ def train(
     optimizer = CaffeSGD(groups, momentum=s.momentum)
     checkpoint_dir = Path(checkpoint_dir)
     start = 0
-    last = latest_checkpoint(checkpoint_dir)
-    if last is not None:
-        state = load_checkpoint(last)
+    found = load_latest_checkpoint(checkpoint_dir, warn=log)
+    if found is not None:
+        last, state = found
         if extra_state and state.get("model") not in (None, extra_state.get("model")):
-            raise ValueError(f"{last}: checkpoint of model {state.get('model')!r}, this run trains {extra_state.get('model')!r}")
+            raise CheckpointError(f"{last}: checkpoint of model {state.get('model')!r}, this run trains {extra_state.get('model')!r}")
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         start = int(state["iteration"])

@@ -46,7 +46,11 @@ def run(ctx: RunContext) -> dict:
     for s in tqdm(samples, desc="test", disable=not ctx.progress, dynamic_ncols=True):
         cache, png = layout.score_cache(s.id), layout.prediction("dcnn", s.id)
         if cache.is_file() and png.is_file():
-            continue
+            try:  # a cache is reused only when it reads back as one (a killed write, a foreign file: redone)
+                ScoreMap.load(cache)
+                continue
+            except ValueError as exc:
+                ctx.log.info(f"warning: {exc}; recomputing it")
         image = read_image(s.image)
         if source == "network":
             with torch.no_grad():

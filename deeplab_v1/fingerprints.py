@@ -1,0 +1,89 @@
+"""What each stage's output depends on, as a fingerprint stored in its completion record.
+
+A stage's fingerprint is the sha256 of (a) the configuration keys it reads (``STAGE_KEYS``, less the
+ones that cannot change its result, ``NEUTRAL_KEYS``: worker counts, log and checkpoint intervals), (b) the
+content of the files those keys name (``model.init``, list files: size and sha256) and (c) the
+fingerprints of the stages whose artifacts it reads (``UPSTREAM``). On a rerun the runner compares it with
+the record: a stage whose fingerprint changed is redone, and so, through (c), is every stage after it;
+the log names the keys that changed. Nothing is reused silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from .weights.checkpoint import file_sha256
+
+#: Dotted config keys (a key covers its whole section) each stage's result depends on.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "train": ("seed", "model", "data.root", "data.train_list", "data.max_train_images", "train"),
+    "test": ("seed", "model", "data.root", "data.test_list", "data.max_test_images", "test"),
+    "crf_search": ("crf_search", "model.num_classes"),
+    "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.backend", "crf.device"),
+    "evaluate": ("evaluation", "crf.enabled", "model.num_classes"),
+}
+
+#: Keys inside those sections that change how the work is done, never its result.
+NEUTRAL_KEYS: frozenset[str] = frozenset({
+    "train.checkpoint_every", "train.log_every", "crf_search.workers", "crf.workers",
+})
+
+#: The stages whose artifacts each stage reads.
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "train": (),
+    "test": ("train",),
+    "crf_search": ("test",),
+    "crf": ("test", "crf_search"),
+    "evaluate": ("test", "crf"),
+}
+
+#: Keys whose value is a file: its content counts, not only its name.
+FILE_KEYS: tuple[str, ...] = ("model.init", "data.train_list", "data.test_list")
+
+_file_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _file_digest(value: Any) -> Optional[str]:
+    """size:sha256 of a file named by a config value (cached by path, size and mtime), or None."""
+    if not isinstance(value, str) or not Path(value).is_file():
+        return None
+    st = Path(value).stat()
+    key = (value, st.st_size, st.st_mtime_ns)
+    if key not in _file_cache:
+        _file_cache[key] = f"{st.st_size}:{file_sha256(Path(value))}"
+    return _file_cache[key]
+
+
+def stage_inputs(stage: str, config: dict) -> dict[str, Any]:
+    """The flattened config keys ``stage`` depends on (``config``: ``config.to_dict`` of the experiment),
+    with the digests of the files they name as ``<key>#content``."""
+    flat = _flatten(config)
+    chosen = {k: v for k, v in flat.items() if k not in NEUTRAL_KEYS and any(
+        k == p or k.startswith(p + ".") for p in STAGE_KEYS[stage])}
+    for k in FILE_KEYS:
+        if k in chosen:
+            chosen[f"{k}#content"] = _file_digest(chosen[k])
+    return chosen
+
+
+def fingerprint(inputs: dict[str, Any], upstream: dict[str, Optional[str]]) -> str:
+    """sha256 of a stage's inputs and its upstream stages' fingerprints."""
+    text = json.dumps({"inputs": inputs, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys whose value differs between two ``stage_inputs`` (added and removed ones included)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

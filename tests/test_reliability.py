@@ -1,0 +1,168 @@
+"""Runs that cannot lie: fingerprints tie finished stages to their inputs, values are checked before any
+work, caches and checkpoints are validated when reused, one writer per run folder, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from deeplab_v1.cli import main
+from deeplab_v1.config import ConfigError, load_config
+from deeplab_v1.runner import Runner, StageError, run_lock
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "experiments" / "default.yaml"
+TINY = ["train.iterations=2", "train.batch_size=1", "train.crop_size=81", "train.checkpoint_every=1",
+        "data.max_test_images=2", "test.size=97", "stages=[train, test]"]
+
+
+def _run(out: Path, *extra: str) -> Runner:
+    runner = Runner(load_config(DEFAULT, TINY + [f"output_dir={out}", *extra]), progress=False)
+    runner.run()
+    return runner
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (folder / "stages").glob("*.json")}
+
+
+def test_a_changed_key_redoes_the_stages_that_depend_on_it(tmp_path):
+    out = tmp_path / "run"
+    _run(out)
+    first = _mtimes(out)
+    _run(out, "train.log_every=1", "train.checkpoint_every=2")  # neutral keys: nothing is redone
+    assert _mtimes(out) == first
+    _run(out, "test.size=105")  # only the test stage depends on test.size
+    second = _mtimes(out)
+    assert second["train.json"] == first["train.json"] and second["test.json"] != first["test.json"]
+    assert "test.size" in (out / "run.log").read_text()
+    _run(out, "train.iterations=3")  # training changes: train and, through it, test are redone
+    third = _mtimes(out)
+    assert third["train.json"] != second["train.json"] and third["test.json"] != second["test.json"]
+    state = torch.load(out / "checkpoints" / "final.pth", weights_only=True)
+    assert state["iteration"] == 3
+    rec = json.loads((out / "stages" / "train.json").read_text())
+    assert rec["inputs"]["train.iterations"] == 3 and len(rec["fingerprint"]) == 64
+    assert "its inputs changed since it ran (train.iterations)" in (out / "run.log").read_text()
+
+
+def test_partial_outputs_of_other_inputs_are_not_reused(tmp_path):
+    out = tmp_path / "run"
+    runner = _run(out)
+    sid = runner.test_samples()[0].id
+    (out / "stages" / "test.json").unlink()  # as if killed during test, under other inputs
+    (out / "stages" / "test.started.json").write_text(json.dumps({"fingerprint": "0" * 64}))
+    stale = out / "scores" / f"{sid}.npz"
+    before = stale.stat().st_mtime_ns
+    _run(out)
+    assert stale.stat().st_mtime_ns != before
+    assert "starting afresh" in (out / "run.log").read_text()
+
+
+def test_truncated_cache_kept_by_an_unfinished_test_stage_is_recomputed(tmp_path):
+    out = tmp_path / "run"
+    runner = _run(out)
+    sid = runner.test_samples()[0].id
+    cache = out / "scores" / f"{sid}.npz"
+    good = cache.read_bytes()
+    (out / "stages" / "test.json").unlink()  # killed after this image, before the record
+    cache.write_bytes(good[:100])
+    _run(out)
+    assert cache.read_bytes() == good
+    assert f"{sid}.npz: not a readable score cache" in (out / "run.log").read_text()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    out = tmp_path / "run"
+    _run(out, "stages=[train]")
+    full = torch.load(out / "checkpoints" / "final.pth", weights_only=True)["state_dict"]
+    (out / "stages" / "train.json").unlink()
+    (out / "checkpoints" / "final.pth").unlink()
+    data = (out / "checkpoints" / "iter_2.pth").read_bytes()
+    (out / "checkpoints" / "iter_2.pth").write_bytes(data[: len(data) // 2])  # a write killed midway
+    _run(out, "stages=[train]")
+    log = (out / "run.log").read_text()
+    assert "iter_2.pth" in log and "falling back" in log and "resuming from iter_1.pth" in log
+    again = torch.load(out / "checkpoints" / "final.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(full[k], again[k]) for k in full)  # and the result is the uninterrupted one
+
+
+def test_redo_clears_a_stage_that_never_finished(tmp_path):
+    out = tmp_path / "run"
+    runner = _run(out)
+    (out / "stages" / "test.json").unlink()
+    stale = out / "scores" / "stale.npz"
+    stale.write_bytes(b"x")
+    Runner(runner.cfg, progress=False, redo=["test"]).run()
+    assert not stale.exists() and (out / "stages" / "test.json").is_file()
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(StageError, match=f"in use by process {os.getppid()}"):
+        with run_lock(tmp_path):
+            pass
+    (tmp_path / ".lock").write_text("999999999")  # a dead one: taken over
+    with run_lock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.crop_size=0", "train.crop_size"), ("train.crop_size=-3", "train.crop_size"),
+    ("test.size=0", "test.size"), ("test.size=-5", "test.size"), ("crf.workers=-2", "crf.workers"),
+    ("crf_search.workers=-2", "crf_search"), ("crf_search.iterations=0", "crf_search"),
+    ("crf_search.trimap_width=0", "crf_search"),
+])
+def test_late_failures_stop_before_any_work(override, key, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(DEFAULT, [override])
+    assert main(["run", str(DEFAULT), "--set", override, "--set", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deeplab: error:") and "\n" not in err and not (tmp_path / "stages").exists()
+
+
+def test_a_float_written_like_1e_4_is_a_number():
+    assert load_config(DEFAULT, ["train.base_lr=1e-4"]).train.base_lr == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="train.base_lr"):
+        load_config(DEFAULT, ["train.base_lr=fast"])
+
+
+def test_errors_are_one_line_internal_faults_exit_1(tmp_path, capsys, monkeypatch):
+    from deeplab_v1 import runner as runner_mod
+
+    def boom(self, stages=None):
+        raise KeyError("an internal fault")
+
+    monkeypatch.setattr(runner_mod.Runner, "run", boom)
+    assert main(["run", str(DEFAULT), "--set", f"output_dir={tmp_path}", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deeplab: internal error: KeyError") and "--debug" in err and "\n" not in err
+    with pytest.raises(KeyError):
+        main(["run", str(DEFAULT), "--set", f"output_dir={tmp_path}", "--debug"])
+
+
+def test_a_refused_file_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """PermissionError (a read-only output folder) or a full disk: the user's to fix, exit 2, one line."""
+    from deeplab_v1 import runner as runner_mod
+
+    def refused(self, stages=None):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "config.yaml"))
+
+    monkeypatch.setattr(runner_mod.Runner, "run", refused)
+    assert main(["run", str(DEFAULT), "--set", f"output_dir={tmp_path / 'run'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deeplab: error:") and "Permission denied" in err and "config.yaml" in err
+
+
+def test_temporary_files_of_killed_writes_are_removed(tmp_path):
+    out = tmp_path / "run"
+    _run(out)
+    torn = out / "checkpoints" / ".iter_3.pth.abc123.tmp"
+    torn.write_bytes(b"\0" * 1024)
+    _run(out)
+    assert not torn.exists() and (out / "checkpoints" / "final.pth").is_file()
