@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable, Optional
 
-__all__ = ["resolve_workers", "worker_threads", "worker_init", "make_executor", "InlineExecutor"]
+__all__ = ["resolve_workers", "worker_threads", "watch_parent", "worker_init", "make_executor", "InlineExecutor"]
 
 
 def resolve_workers(workers: int | None) -> int:
@@ -33,11 +35,28 @@ def worker_threads(workers: int, processes_per_machine: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers * processes_per_machine))
 
 
+def watch_parent(parent_pid: int, interval: float = 0.5) -> threading.Thread:
+    """In a worker: a daemon thread that ends the process as soon as its parent ``parent_pid`` is gone
+    (a ``kill -9`` of the run leaves no worker writing outputs behind it)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    t = threading.Thread(target=watch, name="watch-parent", daemon=True)
+    t.start()
+    return t
+
+
 def worker_init(threads: int, backend: str, initializer: Optional[Callable[..., Any]] = None,
-                initargs: tuple = ()) -> None:
-    """Runs first in every worker: caps the threads (``OMP_NUM_THREADS``; torch's for the torch backend),
-    then calls ``initializer(*initargs)`` if given (a module-level function, e.g. the search's cache
-    budget)."""
+                initargs: tuple = (), parent_pid: Optional[int] = None) -> None:
+    """Runs first in every worker: watches the parent (``watch_parent``), caps the threads
+    (``OMP_NUM_THREADS``; torch's for the torch backend), then calls ``initializer(*initargs)`` if given (a
+    module-level function, e.g. the search's cache budget)."""
+    if parent_pid is not None:
+        watch_parent(parent_pid)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if backend == "torch":
         import torch
@@ -63,7 +82,7 @@ def make_executor(workers: int, backend: str, *, processes_per_machine: int = 1,
     workers = resolve_workers(workers)
     threads = worker_threads(workers, processes_per_machine)
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=worker_init,
-                               initargs=(threads, backend, initializer, initargs))
+                               initargs=(threads, backend, initializer, initargs, os.getpid()))
 
 
 class InlineExecutor(Executor):

@@ -166,3 +166,40 @@ def test_temporary_files_of_killed_writes_are_removed(tmp_path):
     torn.write_bytes(b"\0" * 1024)
     _run(out)
     assert not torn.exists() and (out / "checkpoints" / "final.pth").is_file()
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to see the worker")
+def test_workers_die_with_their_parent(tmp_path):
+    """kill -9 of the process that owns a CRF pool: its workers end within seconds (they watch it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, sys, time\n"
+        "from crf.pool import make_executor\n"
+        "if __name__ == '__main__':\n"
+        "    ex = make_executor(1, 'pydensecrf')\n"
+        "    print(ex.submit(os.getpid).result(), flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    (tmp_path / "owner.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "owner.py")], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    worker = int(proc.stdout.readline())
+    assert not _dead(worker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and not _dead(worker):
+        time.sleep(0.2)
+    assert _dead(worker), f"worker {worker} outlived its parent"
