@@ -27,6 +27,7 @@ from . import config as config_mod
 from .atomic import atomic_write_json, atomic_write_text
 from .config import ExperimentConfig
 from .context import RunContext, StageError
+from .data.check import check_samples
 from .data.lists import Sample
 from .fingerprints import UPSTREAM, changed_keys, fingerprint, stage_inputs
 from .layout import STAGES
@@ -104,11 +105,20 @@ class Runner:
         return self.ctx.test_samples()
 
     def check_inputs(self) -> None:
-        """Validate the data lists (every file present) before any long work."""
+        """Before any long work: the data lists (every file present), then every image decodable and every
+        label readable, of its image's size, with values in 0..num_classes-1 or 255
+        (``data.check.check_samples``, remembered in ``.data_check.json`` by file size and mtime).
+
+        Raises:
+            DataError: every problem found, each naming the file.
+        """
+        samples = []
         if "train" in self.cfg.stages and self.cfg.train.iterations > 0:
-            self.ctx.train_samples()
+            samples += self.ctx.train_samples()
         if any(s in self.cfg.stages for s in ("test", "crf", "evaluate", "crf_search")):
-            self.ctx.test_samples()
+            samples += self.ctx.test_samples()
+        check_samples(samples, self.cfg.model.num_classes, cache=self.layout.root / ".data_check.json",
+                      progress=self.ctx.progress)
 
     def fingerprint(self, stage: str) -> tuple[str, dict]:
         """(fingerprint, inputs) of ``stage`` now: its config keys and files, and the fingerprints recorded

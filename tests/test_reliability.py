@@ -203,3 +203,36 @@ def test_workers_die_with_their_parent(tmp_path):
     while time.time() < deadline and not _dead(worker):
         time.sleep(0.2)
     assert _dead(worker), f"worker {worker} outlived its parent"
+
+
+def test_bad_images_and_labels_are_listed_before_any_work(tmp_path, capsys):
+    """A corrupt image, a label of the wrong size and a label with a foreign value, in a copy of the
+    sample: one error names all three files before training starts; a second check reads nothing."""
+    import shutil
+
+    import numpy as np
+
+    from deeplab_v1.data.check import check_samples
+    from deeplab_v1.data.io import DataError, read_image, write_label
+    from deeplab_v1.data.lists import load_samples
+
+    root = tmp_path / "VOC2012"
+    shutil.copytree(REPO / "experiments" / "sample" / "VOC2012", root)
+    samples = load_samples(root, "train", require_labels=True)
+    samples[0].image.write_bytes(samples[0].image.read_bytes()[:200])
+    write_label(samples[1].label, np.zeros((10, 12), np.uint8))
+    h, w = read_image(samples[2].image).shape[:2]
+    bad = np.full((h, w), 37, np.uint8)
+    write_label(samples[2].label, bad)
+    out = tmp_path / "run"
+    assert main(["run", str(DEFAULT), "--set", f"data.root={root}", "--set", f"output_dir={out}",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "3 of" in err and all(str(p) in err for p in (samples[0].image, samples[1].label, samples[2].label))
+    assert "37" in err and not (out / "stages" / "train.json").exists()
+    good = load_samples(REPO / "experiments" / "sample" / "VOC2012", "train", require_labels=True)
+    cache = tmp_path / "check.json"
+    assert check_samples(good, 21, cache=cache, progress=False) == len(good)
+    assert check_samples(good, 21, cache=cache, progress=False) == 0  # remembered by size and mtime
+    with pytest.raises(DataError):
+        check_samples(samples, 21, cache=cache, progress=False)
