@@ -9,9 +9,14 @@ catches ``DeepLabError`` and prints its message on one line.
 
 from __future__ import annotations
 
-__all__ = ["DeepLabError"]
+__all__ = ["DeepLabError", "CRFTaskError"]
 
 
 class DeepLabError(Exception):
     """Base of every user-facing error of deeplab-v1 (``deeplab_v1`` and ``crf``): the message names the
     file, key or value and what is wrong."""
+
+
+class CRFTaskError(DeepLabError, RuntimeError):
+    """A CRF job of ``crf.parallel`` or ``crf.search`` failed; the message names its input (and output)
+    files and the cause (a damaged file, a label of another size, ...)."""

@@ -28,6 +28,7 @@ from .input_files import load_crf_input
 from .inputs import check_backend
 from .params import CRFParams
 from .pool import make_executor, resolve_workers
+from .errors import CRFTaskError
 
 __all__ = ["CRFTask", "CRFRunSummary", "load_crf_input", "load_sample", "write_label_atomic", "run_crf_many",
            "resolve_workers", "make_executor"]
@@ -143,7 +144,7 @@ def _run_task(task: CRFTask, params: CRFParams, backend: str, device: str,
         (write or write_label_atomic)(Path(task.out), q.argmax(axis=0).astype(np.uint8))
         return seconds
     except Exception as exc:
-        raise RuntimeError(f"CRF task {task.inputs} -> {task.out} failed: {exc}") from exc
+        raise CRFTaskError(f"CRF task {task.inputs} -> {task.out} failed: {exc}") from exc
 
 
 def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | None = None,
@@ -166,7 +167,7 @@ def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | 
 
     Raises:
         ValueError: bad ``workers``/``backend``/``device``, or a task that is not a ``CRFTask``.
-        RuntimeError: a task failed; the message names its input and output files. Outputs of the
+        CRFTaskError (a RuntimeError): a task failed; the message names its input and output files. Outputs of the
             tasks finished before stay on disk, so a rerun resumes.
     """
     check_backend(backend, device)

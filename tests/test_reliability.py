@@ -236,3 +236,17 @@ def test_bad_images_and_labels_are_listed_before_any_work(tmp_path, capsys):
     assert check_samples(good, 21, cache=cache, progress=False) == 0  # remembered by size and mtime
     with pytest.raises(DataError):
         check_samples(samples, 21, cache=cache, progress=False)
+
+
+def test_a_failed_crf_task_is_a_one_line_error(tmp_path, capsys):
+    """A damaged score cache met by the crf stage: `deeplab: error:` naming the file, exit 2."""
+    out = tmp_path / "run"
+    runner = _run(out)
+    sid = runner.test_samples()[0].id
+    (out / "scores" / f"{sid}.npz").write_bytes(b"not an npz")
+    args = ["crf", str(DEFAULT), "--no-progress", "--redo"]
+    for o in TINY + [f"output_dir={out}", "crf.workers=1"]:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deeplab: error: CRF task") and f"{sid}.npz" in err and "\n" not in err

@@ -28,6 +28,7 @@ from ..trimap import trimap_band
 from .config import SearchConfig, param_key
 from .dist import Distributed
 from .store import append_records, finite_or_none
+from ..errors import CRFTaskError
 
 __all__ = ["set_cache_budget", "clear_cache", "cached_search_input", "evaluate_task", "lattice_groups",
            "default_budget", "Evaluator"]
@@ -123,7 +124,7 @@ def evaluate_task(path: str, configs: tuple[CRFParams, ...], num_classes: int, b
                 conf_band[i] = confusion(s["label"], pred, num_classes, mask=s["band"])
         return conf, conf_band, secs
     except Exception as exc:
-        raise RuntimeError(f"CRF search task on search input file {path} failed: {exc}") from exc
+        raise CRFTaskError(f"CRF search task on search input file {path} failed: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
     Raises:
         ValueError: no input files, duplicated ids, a missing file (named), or ranks with different subsets.
-        RuntimeError: a CRF task failed, e.g. on a file with a missing key or a bad array (file and key
+        CRFTaskError (a RuntimeError): a CRF task failed, e.g. on a file with a missing key or a bad array (file and key
             named).
     """
     if not isinstance(config, SearchConfig):
