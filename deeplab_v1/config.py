@@ -253,12 +253,7 @@ def _search_section(values: Any, key: str, where: str) -> CRFSearchConfig:
     hints = typing.get_type_hints(CRFSearchConfig)
     stage = {k: _coerce(v, hints[k], f"{key}.{k}", where) for k, v in values.items() if k in stage_keys}
     search_values = {k: v for k, v in values.items() if k in search_keys}
-    if "objective" in search_values and not isinstance(search_values["objective"], str):
-        raise ConfigError(f"{where}: key '{key}.objective' must be 'miou' or 'trimap_miou', got {search_values['objective']!r}")
-    for k in ("rounds", "trimap_width", "iterations"):
-        if k in search_values and (isinstance(search_values[k], bool) or not isinstance(search_values[k], int)):
-            raise ConfigError(f"{where}: key '{key}.{k}' must be int, got {search_values[k]!r}")
-    try:
+    try:  # SearchConfig checks its own fields (types and ranges) with messages naming them
         search = SearchConfig.from_dict(search_values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: key '{key}' is invalid: {str(exc).replace('SearchConfig.', key + '.')}") from exc

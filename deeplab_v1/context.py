@@ -7,7 +7,7 @@ through ``ctx.layout`` only, and returns the details of its completion record.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -59,6 +59,8 @@ class RunContext:
     log: logging.Logger
     device: torch.device
     progress: bool = True
+    _test: Optional[list[Sample]] = field(default=None, init=False, repr=False)
+    _train: Optional[list[Sample]] = field(default=None, init=False, repr=False)
 
     @classmethod
     def create(cls, cfg: ExperimentConfig, *, progress: bool = True) -> "RunContext":
@@ -79,14 +81,19 @@ class RunContext:
         return self.v1_spec is not None
 
     def test_samples(self) -> list[Sample]:
-        """The test list (labels required when they are evaluated or feed the degraded-GT scores)."""
-        c = self.cfg.data
-        need_labels = "evaluate" in self.cfg.stages or self.cfg.test.score_source != "network"
-        samples = load_samples(c.root, c.test_list, require_labels=need_labels)
-        return samples[: c.max_test_images] if c.max_test_images else samples
+        """The test list (labels required when they are evaluated or feed the degraded-GT scores); read
+        once per run, the runner's up-front check and every stage share it."""
+        if self._test is None:
+            c = self.cfg.data
+            need_labels = "evaluate" in self.cfg.stages or self.cfg.test.score_source != "network"
+            samples = load_samples(c.root, c.test_list, require_labels=need_labels)
+            self._test = samples[: c.max_test_images] if c.max_test_images else samples
+        return list(self._test)
 
     def train_samples(self) -> list[Sample]:
-        """The training list (labels required)."""
-        c = self.cfg.data
-        samples = load_samples(c.root, c.train_list, require_labels=True)
-        return samples[: c.max_train_images] if c.max_train_images else samples
+        """The training list (labels required); read once per run."""
+        if self._train is None:
+            c = self.cfg.data
+            samples = load_samples(c.root, c.train_list, require_labels=True)
+            self._train = samples[: c.max_train_images] if c.max_train_images else samples
+        return list(self._train)

@@ -4,7 +4,10 @@ Layout of ``<output_dir>`` (stage that writes -> stages that read)::
 
     config.yaml              resolved configuration              runner -> (user)
     run.log                  the log                             every stage
-    stages/<stage>.json      completion records                  runner -> runner, report
+    .lock                    the writer's pid                    runner
+    .data_check.json         images/labels found good (size:mtime) runner
+    stages/<stage>.json      completion records (+ fingerprint)  runner -> runner, report
+    stages/<stage>.started.json the fingerprint of a stage under way runner
     checkpoints/iter_<N>.pth resumable training state            train -> train
     checkpoints/final.pth    the trained weights                 train -> test
     scores/<id>.npz          score cache (``ScoreMap``): the test net's scores
@@ -64,9 +67,23 @@ class RunLayout:
     def log(self) -> Path:
         return self.root / "run.log"
 
+    @property
+    def lock(self) -> Path:
+        """``.lock``: the pid of the process writing the run folder."""
+        return self.root / ".lock"
+
+    @property
+    def data_check(self) -> Path:
+        """``.data_check.json``: the images and labels found good, by size and mtime."""
+        return self.root / ".data_check.json"
+
     def record(self, stage: str) -> Path:
         """``stages/<stage>.json``: the stage's completion record."""
         return self.root / "stages" / f"{stage}.json"
+
+    def started(self, stage: str) -> Path:
+        """``stages/<stage>.started.json``: the fingerprint of a stage that has started, not finished."""
+        return self.root / "stages" / f"{stage}.started.json"
 
     @property
     def checkpoints(self) -> Path:

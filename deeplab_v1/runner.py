@@ -47,13 +47,14 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def run_lock(folder: Path) -> Iterator[None]:
-    """Hold ``<folder>/.lock`` (the holder's pid) while the block runs.
+def run_lock(lock: Path) -> Iterator[None]:
+    """Hold the lock file ``lock`` (the holder's pid) while the block runs (``RunLayout.lock``).
 
     Raises:
         StageError: another live process holds it (names its pid and the folder).
     """
-    lock = Path(folder) / ".lock"
+    lock = Path(lock)
+    folder = lock.parent
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -117,7 +118,7 @@ class Runner:
             samples += self.ctx.train_samples()
         if any(s in self.cfg.stages for s in ("test", "crf", "evaluate", "crf_search")):
             samples += self.ctx.test_samples()
-        check_samples(samples, self.cfg.model.num_classes, cache=self.layout.root / ".data_check.json",
+        check_samples(samples, self.cfg.model.num_classes, cache=self.layout.data_check,
                       progress=self.ctx.progress)
 
     def fingerprint(self, stage: str) -> tuple[str, dict]:
@@ -139,7 +140,7 @@ class Runner:
             if s not in STAGES:
                 raise StageError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
         self.check_inputs()
-        with run_lock(self.layout.root):
+        with run_lock(self.layout.lock):
             return self._run(stages)
 
     def _remove_torn_writes(self) -> None:
@@ -157,7 +158,7 @@ class Runner:
             cleared |= set(STAGES[min(STAGES.index(s) for s in self.redo):])
         for s in cleared:  # finished or not: its artifacts go
             self.layout.clear(s)
-            self._started(s).unlink(missing_ok=True)
+            self.layout.started(s).unlink(missing_ok=True)
         t_all = time.perf_counter()
         wrote_config = False
         for stage in STAGES:
@@ -176,7 +177,7 @@ class Runner:
             if started is not None and started.get("fingerprint") != fp:
                 self.log.info(f"stage {stage}: a run under other inputs left partial outputs: starting afresh")
                 self.layout.clear(stage)
-            atomic_write_json(self._started(stage), {"fingerprint": fp})
+            atomic_write_json(self.layout.started(stage), {"fingerprint": fp})
             if not wrote_config:  # config.yaml is rewritten only together with work it describes
                 atomic_write_text(self.layout.config, yaml.safe_dump(config_mod.to_dict(self.cfg), sort_keys=False))
                 wrote_config = True
@@ -185,7 +186,7 @@ class Runner:
             details = STAGE_RUNNERS[stage](self.ctx) or {}
             seconds = time.perf_counter() - t0
             self.layout.write_record(stage, seconds, {**details, "fingerprint": fp, "inputs": inputs})
-            self._started(stage).unlink(missing_ok=True)
+            self.layout.started(stage).unlink(missing_ok=True)
             self.log.info(f"stage {stage}: finished in {seconds:.1f} s")
         metrics = {}
         if self.layout.metrics.is_file():
@@ -196,11 +197,8 @@ class Runner:
             self.log.info(f"run {self.cfg.name}: {summary} ({time.perf_counter() - t_all:.1f} s); report: {self.layout.report}")
         return metrics
 
-    def _started(self, stage: str) -> Path:
-        return self.layout.record(stage).with_suffix(".started.json")
-
     def _read_started(self, stage: str) -> Optional[dict]:
-        p = self._started(stage)
+        p = self.layout.started(stage)
         try:
             return json.loads(p.read_text()) if p.is_file() else None
         except (OSError, ValueError):

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         torch.manual_seed(0)
         model = build_model(name).eval()
-        for layer in model._msc_layer_names():
+        for layer in model.msc_layer_names():
             torch.nn.init.kaiming_normal_(model.caffe_layer(layer).weight)
         raw, files, shape = [], [], None
         for i in ids:

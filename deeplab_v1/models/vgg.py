@@ -249,7 +249,7 @@ class DeepLabVGG(nn.Module):
         training from scratch, with conv1_1 divided by 64 so that BGR 0..255 inputs (RMS about 64 after
         mean subtraction) give unit-scale activations; without that, lr 0.001 diverges from random weights.
         """
-        msc_modules = {id(self.caffe_layer(n)): n for n in self._msc_layer_names()}
+        msc_modules = {id(self.caffe_layer(n)): n for n in self.msc_layer_names()}
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d):
                 if id(m) in msc_modules:
@@ -267,13 +267,14 @@ class DeepLabVGG(nn.Module):
                             m.weight.div_(64.0)
                 nn.init.zeros_(m.bias)
 
-    def _msc_layer_names(self) -> list[str]:
+    def msc_layer_names(self) -> list[str]:
+        """Caffe names of the MSc branch layers (``data_conv`` ... ``pool4_ms``); empty without branches."""
         return [f"{branch}_{part}" for branch in self.msc for part in ("conv", "fc", "ms")]
 
     def caffe_layer_names(self) -> list[str]:
         """Caffe names of the layers holding parameters (``conv1_1`` ... ``fc8``, ``data_conv`` ...)."""
         names = [f"conv{b}_{i}" for b, (n, _) in enumerate(_VGG16_BLOCKS, 1) for i in range(1, n + 1)]
-        return names + ["fc6", "fc7", "fc8"] + self._msc_layer_names()
+        return names + ["fc6", "fc7", "fc8"] + self.msc_layer_names()
 
     def caffe_layer(self, name: str) -> nn.Conv2d:
         """The module holding the Caffe layer ``name`` (see ``caffe_layer_names``).

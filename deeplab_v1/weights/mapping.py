@@ -45,7 +45,9 @@ _REINIT_FC8_HINT = "pass reinit_fc8=True / --reinit-fc8 to start fc8 anew"
 
 
 def _msc_layer_names(model: nn.Module) -> list[str]:
-    return [f"{b}_{part}" for b in getattr(model, "msc", {}) for part in ("conv", "fc", "ms")]
+    """The model's MSc branch layers (``DeepLabVGG.msc_layer_names``), none for other models."""
+    names = getattr(model, "msc_layer_names", None)
+    return names() if callable(names) else []
 
 
 def _expand_allow_new(allow_new: Iterable[str], model: nn.Module, names: Sequence[str]) -> set[str]:
