@@ -89,6 +89,12 @@ class TrainConfig:
     ``scale_range``: random rescaling (v3: [0.5, 2.0]). ``batchnorm``: ``finetune`` or ``frozen`` (v3
     models). ``output_stride``: v3 training output_stride (null: the model's). ``iterations: 0`` skips
     training and tests the initial weights.
+
+    How the work is done (never what it computes, except ``precision``): ``num_workers`` DataLoader
+    worker processes (null: from the core count; 0 loads in the main process); ``precision`` ``fp32``
+    (default, the release), ``bf16`` or ``fp16`` (autocast; a GradScaler for fp16); ``compile`` wraps
+    the model in ``torch.compile``; ``channels_last`` memory format; ``sync_batchnorm`` (v3/v3+ under
+    DDP); ``tensorboard`` logs loss, lr and predictions (needs the ``tensorboard`` extra).
     """
 
     iterations: int = 6000
@@ -111,6 +117,12 @@ class TrainConfig:
     output_stride: Optional[int] = None
     checkpoint_every: int = 2000
     log_every: int = 10
+    num_workers: Optional[int] = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    sync_batchnorm: bool = False
+    tensorboard: bool = False
 
 
 @dataclass
@@ -119,7 +131,10 @@ class TestConfig:
     ``scales``/``flip``: multi-scale and left-right flip inference (v3; probabilities averaged).
     ``score_source``: ``network`` or ``degraded-gt`` (a DIAGNOSTIC source of DCNN-like scores made from
     degraded ground truth, for working on the CRF without a trained network; labelled in every output).
-    ``output_stride``: v3 evaluation output_stride (null: the model's).
+    ``output_stride``: v3 evaluation output_stride (null: the model's). ``batch_size`` images per
+    forward (each padded to ``size``, so batching is exact), ``num_workers`` loader processes (null:
+    from the core count), ``precision`` ``fp32`` (default) / ``bf16`` / ``fp16`` autocast,
+    ``compile`` and ``channels_last`` as in ``train``.
     """
 
     size: Optional[int] = None
@@ -127,6 +142,11 @@ class TestConfig:
     flip: bool = False
     score_source: Literal["network", "degraded-gt"] = "network"
     output_stride: Optional[int] = None
+    batch_size: int = 1
+    num_workers: Optional[int] = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    channels_last: bool = False
 
 
 @dataclass
@@ -136,15 +156,20 @@ class CRFConfig:
     ``params`` (``crf.CRFParams``; in YAML a mapping, keys left out keep these values) default to the
     release's LargeFOV ``run_densecrf.sh`` values (w1 4, sigma_alpha 49, sigma_beta 5, w2 3, sigma_gamma 3,
     10 iterations). When ``use_search`` is true and the run's ``crf_search`` stage has found best
-    parameters, those are used instead (the report says which).
+    parameters, those are used instead (the report says which). ``backend``: ``auto`` (the torch
+    backend when it is installed and the inputs fit ``memory_mb``, else pydensecrf; the choice is
+    recorded), ``pydensecrf`` (the reference) or ``torch``; ``device`` of the torch backend;
+    ``workers`` CPU processes (null: from the core count); ``memory_mb`` the memory budget of one
+    batch of the torch backend (null: a default from the device).
     """
 
     enabled: bool = True
     params: CRFParams = RELEASE_LARGEFOV
     use_search: bool = True
-    backend: Literal["pydensecrf", "torch"] = "pydensecrf"
+    backend: Literal["auto", "pydensecrf", "torch"] = "pydensecrf"
     device: Literal["cpu", "cuda"] = "cpu"
     workers: Optional[int] = None
+    memory_mb: Optional[int] = None
 
 
 @dataclass
@@ -186,12 +211,13 @@ STAGES: tuple[str, ...] = ("train", "test", "crf_search", "crf", "evaluate")
 @dataclass
 class ExperimentConfig:
     """A whole experiment. ``output_dir``: the run folder (relative to the YAML file's folder; default
-    ``runs/<name>``). ``stages``: which of train, test, crf_search, crf, evaluate ``deeplab run`` runs."""
+    ``runs/<name>``). ``tf32``: allow TF32 matmuls/convolutions on CUDA (off: the release's fp32). ``stages``: which of train, test, crf_search, crf, evaluate ``deeplab run`` runs."""
 
     name: str = "experiment"
     seed: int = 0
     output_dir: Optional[Path] = None
     device: Literal["cpu", "cuda"] = "cpu"
+    tf32: bool = False
     stages: list[str] = field(default_factory=lambda: ["train", "test", "crf_search", "crf", "evaluate"])
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -453,6 +479,13 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
         v = cfg.crf.workers
         if v is not None and v < 1:
             fail(key, f"must be >= 1 worker processes (or null: one per core), got {v}")
+    for key, v in (("train.num_workers", cfg.train.num_workers), ("test.num_workers", cfg.test.num_workers)):
+        if v is not None and v < 0:
+            fail(key, f"must be >= 0 loader processes (0: in the main process; null: from the core count), got {v}")
+    if cfg.test.batch_size < 1:
+        fail("test.batch_size", f"must be >= 1, got {cfg.test.batch_size}")
+    if cfg.crf.memory_mb is not None and cfg.crf.memory_mb < 1:
+        fail("crf.memory_mb", f"must be a positive number of MB (or null: the device's default), got {cfg.crf.memory_mb}")
     if cfg.train.output_stride is not None and cfg.train.output_stride not in (8, 16, 32):
         fail("train.output_stride", f"must be 8, 16 or 32, got {cfg.train.output_stride}")
     if cfg.test.output_stride is not None and cfg.test.output_stride not in (8, 16, 32):

@@ -19,16 +19,17 @@ from .weights.checkpoint import file_sha256
 
 #: Dotted config keys (a key covers its whole section) each stage's result depends on.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("seed", "model", "data.root", "data.train_list", "data.max_train_images", "train"),
-    "test": ("seed", "model", "data.root", "data.test_list", "data.max_test_images", "test"),
+    "train": ("seed", "model", "data.root", "data.train_list", "data.max_train_images", "train", "tf32"),
+    "test": ("seed", "model", "data.root", "data.test_list", "data.max_test_images", "test", "tf32"),
     "crf_search": ("crf_search", "model.num_classes"),
-    "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.backend", "crf.device"),
+    "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.backend", "crf.device", "crf.memory_mb"),
     "evaluate": ("evaluation", "crf.enabled", "model.num_classes"),
 }
 
 #: Keys inside those sections that change how the work is done, never its result.
 NEUTRAL_KEYS: frozenset[str] = frozenset({
-    "train.checkpoint_every", "train.log_every", "crf_search.workers", "crf.workers",
+    "train.checkpoint_every", "train.log_every", "train.num_workers", "train.tensorboard",
+    "test.num_workers", "test.batch_size", "crf_search.workers", "crf.workers", "crf.memory_mb",
 })
 
 #: The stages whose artifacts each stage reads.
