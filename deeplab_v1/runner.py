@@ -29,7 +29,7 @@ from .config import ExperimentConfig
 from .context import RunContext, StageError
 from .data.check import check_samples
 from .data.lists import Sample
-from .fingerprints import UPSTREAM, changed_keys, fingerprint, stage_inputs
+from .fingerprints import STAGE_DATA, UPSTREAM, changed_keys, data_stamp, fingerprint, stage_inputs
 from .layout import STAGES
 from .stages import STAGE_RUNNERS
 
@@ -125,6 +125,12 @@ class Runner:
         """(fingerprint, inputs) of ``stage`` now: its config keys and files, and the fingerprints recorded
         by the stages it reads from."""
         inputs = stage_inputs(stage, config_mod.to_dict(self.cfg))
+        for split, fields in STAGE_DATA[stage]:  # the data files it reads: size and mtime
+            if split == "train" and self.cfg.train.iterations == 0:
+                continue  # no training: the list is not read
+            samples = self.ctx.train_samples() if split == "train" else self.ctx.test_samples()
+            for f in fields:
+                inputs[f"data.{split}_{f}s#files"] = data_stamp(getattr(x, f) for x in samples)
         upstream = {u: (self.layout.read_record(u) or {}).get("fingerprint") for u in UPSTREAM[stage]}
         return fingerprint(inputs, upstream), inputs
 

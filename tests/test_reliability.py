@@ -250,3 +250,60 @@ def test_a_failed_crf_task_is_a_one_line_error(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deeplab: error: CRF task") and f"{sid}.npz" in err and "\n" not in err
+
+
+def test_a_fixed_label_redoes_the_stages_that_read_labels(tmp_path):
+    """The labels' size and mtime are in the fingerprints of crf_search and evaluate: after a label is
+    fixed, the search inputs that embedded the old label are rebuilt; train and test are not redone."""
+    import shutil
+
+    import numpy as np
+
+    from deeplab_v1.data.io import read_label, write_label
+
+    root = tmp_path / "VOC2012"
+    shutil.copytree(REPO / "experiments" / "sample" / "VOC2012", root)
+    out = tmp_path / "run"
+    extra = [f"data.root={root}", "stages=[train, test, crf_search, crf, evaluate]", "crf_search.num_images=1",
+             "crf_search.w1=[4]", "crf_search.sigma_alpha=[50]", "crf_search.sigma_beta=[3]",
+             "crf_search.rounds=1", "crf.workers=1", "crf_search.workers=1", "evaluation.trimap_widths=[2]"]
+    runner = _run(out, *extra)
+    first = _mtimes(out)
+    (sample_file,) = (out / "crf_search" / "samples").glob("*.npz")
+    sid = sample_file.stem
+    label_path = next(s.label for s in runner.test_samples() if s.id == sid)
+    built = sample_file.stat().st_mtime_ns
+    label = read_label(label_path, 21)
+    label[:5, :5] = 0  # the user fixes a few pixels
+    write_label(label_path, label)
+    _run(out, *extra)
+    second = _mtimes(out)
+    assert second["train.json"] == first["train.json"] and second["test.json"] == first["test.json"]
+    for stage in ("crf_search", "crf", "evaluate"):
+        assert second[f"{stage}.json"] != first[f"{stage}.json"], stage
+    assert sample_file.stat().st_mtime_ns != built
+    with np.load(sample_file, allow_pickle=False) as z:
+        assert (z["label"][:5, :5] == 0).all()
+    assert "data.test_labels#files" in (out / "run.log").read_text()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_a_damaged_model_init_is_a_one_line_error(damage, tmp_path, capsys):
+    """A truncated or garbage ``model.init``: one line naming the file, exit 2, nothing trained."""
+    import numpy as np
+
+    from deeplab_v1.models import build_model
+
+    init = tmp_path / "init.pth"
+    torch.save({"model": build_model("deeplab-largefov", 21).state_dict()}, init)
+    data = init.read_bytes()
+    init.write_bytes(data[: len(data) // 3] if damage == "truncated" else
+                     np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    out = tmp_path / "run"
+    args = ["run", str(DEFAULT), "--no-progress", "--set", f"model.init={init}"]
+    for o in TINY + [f"output_dir={out}"]:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deeplab: error:") and "init.pth" in err and "\n" not in err
+    assert not (out / "stages" / "train.json").exists()
