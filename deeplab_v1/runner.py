@@ -175,7 +175,11 @@ class Runner:
             if rec is not None and rec.get("fingerprint") == fp:
                 self.log.info(f"stage {stage}: done already (skipped; --redo {stage} to rerun)")
                 continue
-            if rec is not None:
+            if rec is not None and "fingerprint" not in rec:
+                self.log.info(f"stage {stage}: its record has no fingerprint (a run folder of an older version): "
+                              "redoing it")
+                self.layout.clear(stage)
+            elif rec is not None:
                 keys = changed_keys(rec.get("inputs", {}), inputs) or ["the stages before it"]
                 self.log.info(f"stage {stage}: its inputs changed since it ran ({', '.join(keys)}): redoing it")
                 self.layout.clear(stage)

@@ -307,3 +307,20 @@ def test_a_damaged_model_init_is_a_one_line_error(damage, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("deeplab: error:") and "init.pth" in err and "\n" not in err
     assert not (out / "stages" / "train.json").exists()
+
+
+def test_a_record_without_fingerprint_is_redone_not_reused(tmp_path):
+    """A run folder of a version before fingerprints: its stages are redone once, and the log says why."""
+    out = tmp_path / "run"
+    _run(out)
+    for rec_path in (out / "stages").glob("*.json"):
+        rec = json.loads(rec_path.read_text())
+        rec.pop("fingerprint")
+        rec.pop("inputs")
+        rec_path.write_text(json.dumps(rec))
+    first = _mtimes(out)
+    _run(out)
+    second = _mtimes(out)
+    assert second["train.json"] != first["train.json"] and second["test.json"] != first["test.json"]
+    assert "has no fingerprint" in (out / "run.log").read_text()
+    assert all("fingerprint" in json.loads(p.read_text()) for p in (out / "stages").glob("*.json"))
