@@ -287,18 +287,22 @@ def test_a_fixed_label_redoes_the_stages_that_read_labels(tmp_path):
     assert "data.test_labels#files" in (out / "run.log").read_text()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "another model"])
 def test_a_damaged_model_init_is_a_one_line_error(damage, tmp_path, capsys):
-    """A truncated or garbage ``model.init``: one line naming the file, exit 2, nothing trained."""
+    """A truncated or garbage ``model.init``, or the weights of another model (5 classes): one line naming
+    the file, exit 2, nothing trained."""
     import numpy as np
 
     from deeplab_v1.models import build_model
 
     init = tmp_path / "init.pth"
-    torch.save({"model": build_model("deeplab-largefov", 21).state_dict()}, init)
+    torch.save({"model": build_model("deeplab-largefov", 5 if damage == "another model" else 21).state_dict()},
+               init)
     data = init.read_bytes()
-    init.write_bytes(data[: len(data) // 3] if damage == "truncated" else
-                     np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    if damage == "truncated":
+        init.write_bytes(data[: len(data) // 3])
+    elif damage == "random bytes":
+        init.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     out = tmp_path / "run"
     args = ["run", str(DEFAULT), "--no-progress", "--set", f"model.init={init}"]
     for o in TINY + [f"output_dir={out}"]:
