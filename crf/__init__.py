@@ -4,7 +4,8 @@ This package never imports ``deeplab_v1``: it takes images and class probabiliti
 
 - ``CRFParams`` / ``RELEASE_LARGEFOV``: the parameters (``crf.params``).
 - ``dense_crf``, ``scores_to_probs``: inference on one image (``crf.dense``; backends ``pydensecrf``
-  and ``torch``, which share the input checks of ``crf.inputs``).
+  and ``torch``, which share the input checks of ``crf.inputs``; ``auto`` picks torch where it fits its
+  memory budget, ``crf.backend_choice``).
 - ``CRFTask``, ``run_crf_many``: many images in worker processes (``crf.pool``), resumable, reading CRF
   input files (``crf.input_files``) (``crf.parallel``).
 - ``SearchConfig``, ``run_search``: the paper's coarse-to-fine parameter search on search input files
@@ -12,8 +13,8 @@ This package never imports ``deeplab_v1``: it takes images and class probabiliti
 - ``crf.atomic``: the atomic files every output of the distribution is written with.
 
 Floors, lowest first (a module imports only from floors below it): ``errors``, ``atomic``, ``params``,
-``inputs``, ``confusion``, ``trimap``, ``pool``, ``permutohedral``; ``input_files``, ``torch_backend``;
-``dense``; ``parallel``; ``search``.
+``inputs``, ``confusion``, ``trimap``, ``pool``, ``permutohedral``, ``step_times``; ``backend_choice``,
+``input_files``, ``torch_backend``; ``dense``; ``parallel``; ``search``.
 """
 
 from .params import RELEASE_LARGEFOV, CRFParams

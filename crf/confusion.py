@@ -15,6 +15,7 @@ nowhere.
 from __future__ import annotations
 
 import numpy as np
+from .errors import CRFInputError
 
 __all__ = ["confusion", "confusion_stack", "per_class_iou", "miou", "pixel_accuracy", "per_class_accuracy",
            "mean_accuracy"]
@@ -44,18 +45,18 @@ def confusion_stack(gt: np.ndarray, pred: np.ndarray, num_classes: int, bins: np
         (B, C, C) int64 counts, rows = ground-truth class, columns = predicted class.
 
     Raises:
-        ValueError: ``num_classes`` or ``num_bins`` < 1, shapes differ (both named), or a counted value out
+        CRFInputError (a ValueError): ``num_classes`` or ``num_bins`` < 1, shapes differ (both named), or a counted value out
             of range (the offending values are listed).
     """
     for what, n in (("num_classes", num_classes), ("num_bins", num_bins)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"{what} must be an integer >= 1, got {n!r}")
+            raise CRFInputError(f"{what} must be an integer >= 1, got {n!r}")
     g_name, p_name = names
     gt, pred, bins = np.asarray(gt), np.asarray(pred), np.asarray(bins)
     if gt.shape != pred.shape:
-        raise ValueError(f"{g_name} shape {gt.shape} and {p_name} shape {pred.shape} differ")
+        raise CRFInputError(f"{g_name} shape {gt.shape} and {p_name} shape {pred.shape} differ")
     if bins.shape != gt.shape:
-        raise ValueError(f"mask shape {bins.shape} and {g_name} shape {gt.shape} differ")
+        raise CRFInputError(f"mask shape {bins.shape} and {g_name} shape {gt.shape} differ")
     keep = (gt != ignore) & (bins >= 0) & (bins < num_bins)
     g = gt[keep].astype(np.int64, copy=False)
     p = pred[keep].astype(np.int64, copy=False)
@@ -63,11 +64,11 @@ def confusion_stack(gt: np.ndarray, pred: np.ndarray, num_classes: int, bins: np
     if g.size:
         bad_g = (g < 0) | (g >= num_classes)
         if bad_g.any():
-            raise ValueError(f"{g_name} values {np.unique(g[bad_g])[:10].tolist()} are outside 0..{num_classes - 1} "
+            raise CRFInputError(f"{g_name} values {np.unique(g[bad_g])[:10].tolist()} are outside 0..{num_classes - 1} "
                              f"and the ignore value {ignore}")
         bad_p = (p < 0) | (p >= num_classes)
         if bad_p.any():
-            raise ValueError(f"{p_name} values {np.unique(p[bad_p])[:10].tolist()} are outside 0..{num_classes - 1}")
+            raise CRFInputError(f"{p_name} values {np.unique(p[bad_p])[:10].tolist()} are outside 0..{num_classes - 1}")
     c = num_classes
     return np.bincount((b * c + g) * c + p, minlength=num_bins * c * c).reshape(num_bins, c, c)
 
@@ -88,7 +89,7 @@ def confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 
         (C, C) int64 counts, rows = ground-truth class, columns = predicted class.
 
     Raises:
-        ValueError: ``num_classes`` < 1, shapes differ (both named), or a value out of range (the
+        CRFInputError (a ValueError): ``num_classes`` < 1, shapes differ (both named), or a value out of range (the
             offending values are listed).
     """
     gt = np.asarray(gt)
@@ -100,7 +101,7 @@ def confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 
 def _check_matrix(conf: np.ndarray) -> np.ndarray:
     conf = np.asarray(conf)
     if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
-        raise ValueError(f"confusion matrix must be square (C, C), got shape {conf.shape}")
+        raise CRFInputError(f"confusion matrix must be square (C, C), got shape {conf.shape}")
     return conf.astype(np.float64)
 
 
@@ -111,7 +112,7 @@ def per_class_iou(conf: np.ndarray) -> np.ndarray:
         (C,) float64, NaN for classes whose union is 0 (absent from both ground truth and prediction).
 
     Raises:
-        ValueError: ``conf`` is not a square matrix.
+        CRFInputError (a ValueError): ``conf`` is not a square matrix.
     """
     c = _check_matrix(conf)
     tp = np.diag(c)
@@ -127,7 +128,7 @@ def per_class_accuracy(conf: np.ndarray) -> np.ndarray:
         (C,) float64, NaN for classes absent from the ground truth.
 
     Raises:
-        ValueError: ``conf`` is not a square matrix.
+        CRFInputError (a ValueError): ``conf`` is not a square matrix.
     """
     c = _check_matrix(conf)
     gt_count = c.sum(1)
@@ -143,7 +144,7 @@ def miou(conf: np.ndarray) -> float:
     """Mean IoU over the classes with union > 0; NaN when no pixel was counted.
 
     Raises:
-        ValueError: ``conf`` is not a square matrix.
+        CRFInputError (a ValueError): ``conf`` is not a square matrix.
     """
     return _nanmean(per_class_iou(conf))
 
@@ -152,7 +153,7 @@ def mean_accuracy(conf: np.ndarray) -> float:
     """Mean per-class recall over the classes present in the ground truth; NaN when no pixel was counted.
 
     Raises:
-        ValueError: ``conf`` is not a square matrix.
+        CRFInputError (a ValueError): ``conf`` is not a square matrix.
     """
     return _nanmean(per_class_accuracy(conf))
 
@@ -161,7 +162,7 @@ def pixel_accuracy(conf: np.ndarray) -> float:
     """Correctly labelled pixels / counted pixels; NaN when no pixel was counted.
 
     Raises:
-        ValueError: ``conf`` is not a square matrix.
+        CRFInputError (a ValueError): ``conf`` is not a square matrix.
     """
     c = _check_matrix(conf)
     total = c.sum()

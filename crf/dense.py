@@ -26,6 +26,7 @@ import numpy as np
 
 from .inputs import BACKENDS, PROB_EPSILON, SUM_TOLERANCE, check_backend, check_inputs
 from .params import CRFParams
+from .errors import CRFInputError
 
 # BACKENDS, PROB_EPSILON, SUM_TOLERANCE and check_inputs are defined in crf.inputs (the floor both backends
 # share) and re-exported here, where callers have always found them.
@@ -43,14 +44,14 @@ def scores_to_probs(scores: np.ndarray) -> np.ndarray:
         (C, H, W) float32 probabilities summing to 1 over C at every pixel.
 
     Raises:
-        ValueError: ``scores`` is not 3-D or holds NaN/inf.
+        CRFInputError (a ValueError): ``scores`` is not 3-D or holds NaN/inf.
     """
     s = np.asarray(scores)
     if s.ndim != 3:
-        raise ValueError(f"scores must be (C, H, W), got shape {s.shape}")
+        raise CRFInputError(f"scores must be (C, H, W), got shape {s.shape}")
     s = s.astype(np.float32, copy=False)
     if not np.isfinite(s).all():
-        raise ValueError("scores hold NaN or inf values")
+        raise CRFInputError("scores hold NaN or inf values")
     # subtracting the per-pixel maximum keeps exp() in range (no overflow; at least one term is 1)
     e = np.exp(s - s.max(axis=0, keepdims=True))
     e /= e.sum(axis=0, keepdims=True)
@@ -82,7 +83,7 @@ def dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams, backend: str = "pydensecrf",
-              device: str = "cpu") -> np.ndarray:
+              device: str = "cpu", *, memory_mb: float | None = None) -> np.ndarray:
     """Mean-field inference of the fully connected CRF (paper Sec. 4.2, Eq. 2) on one image.
 
     Args:
@@ -90,8 +91,10 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams, backend: 
         probs: (C, H, W) float16/32/64 class probabilities of the DCNN, already upsampled to the image
             size (fc8 -> bilinear x8 -> crop) and softmaxed; summing to 1 over C.
         params: w1, sigma_alpha (pixels), sigma_beta (RGB units), w2, sigma_gamma (pixels), iterations.
-        backend: ``"pydensecrf"`` (CPU) or ``"torch"`` (``crf.torch_backend``).
-        device: ``"cpu"``; with ``backend="torch"`` also ``"cuda"`` / ``"cuda:N"``.
+        backend: ``"pydensecrf"`` (CPU), ``"torch"`` (``crf.torch_backend``) or ``"auto"`` (torch when it is
+            installed and this image fits ``memory_mb``, else pydensecrf; ``crf.backend_choice``).
+        device: ``"cpu"``; with ``backend="torch"`` or ``"auto"`` also ``"cuda"`` / ``"cuda:N"``.
+        memory_mb: the torch backend's budget for ``"auto"``, MiB (None: ``default_memory_mb``).
 
     Returns:
         Q: (C, H, W) float32 marginals after ``params.iterations`` mean-field iterations, summing to 1
@@ -104,8 +107,13 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams, backend: 
     """
     check_backend(backend, device)
     if not isinstance(params, CRFParams):
-        raise ValueError(f"params must be a crf.CRFParams, got {type(params).__name__}")
+        raise CRFInputError(f"params must be a crf.CRFParams, got {type(params).__name__}")
     image, probs = check_inputs(image, probs)
+    if backend == "auto":
+        from .backend_choice import resolve_backend
+
+        choice = resolve_backend(backend, device, [probs.shape], memory_mb=memory_mb)
+        backend, device = choice.backend, choice.device
     if backend == "pydensecrf":
         return dense_crf_pydensecrf(image, probs, params)
     from .torch_backend import dense_crf_torch

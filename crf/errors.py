@@ -9,7 +9,7 @@ catches ``DeepLabError`` and prints its message on one line.
 
 from __future__ import annotations
 
-__all__ = ["DeepLabError", "CRFTaskError"]
+__all__ = ["DeepLabError", "CRFInputError", "CRFTaskError"]
 
 
 class DeepLabError(Exception):
@@ -20,3 +20,10 @@ class DeepLabError(Exception):
 class CRFTaskError(DeepLabError, RuntimeError):
     """A CRF job of ``crf.parallel`` or ``crf.search`` failed; the message names its input (and output)
     files and the cause (a damaged file, a label of another size, ...)."""
+
+
+class CRFInputError(DeepLabError, ValueError):
+    """A bad argument or input of ``crf`` (CRF parameters, an image or probabilities of the wrong shape or
+    values, a search configuration, a backend or device name); the message names the argument, what was
+    expected and what was given. A ``ValueError``, so ``except ValueError`` keeps working, and a
+    ``DeepLabError``, so the ``deeplab`` command prints it on one line (exit status 2)."""

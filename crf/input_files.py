@@ -27,7 +27,7 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 
-__all__ = ["CRF_INPUT_KEYS", "SEARCH_INPUT_KEYS", "load_arrays", "load_crf_input", "load_search_input",
+__all__ = ["CRF_INPUT_KEYS", "SEARCH_INPUT_KEYS", "array_shape", "load_arrays", "load_crf_input", "load_search_input",
            "write_crf_input", "write_search_input"]
 
 #: Keys of a CRF input file.
@@ -79,6 +79,35 @@ def load_arrays(path: str | os.PathLike, keys: Sequence[str], kind: str = "CRF i
     if "label" in arrays and arrays["label"].dtype != np.uint8:
         raise ValueError(f"{kind} {path}: key 'label' must be uint8, got dtype {arrays['label'].dtype}")
     return arrays
+
+
+def array_shape(path: str | os.PathLike, key: str) -> tuple[int, ...]:
+    """The shape of array ``key`` of an ``.npz`` file, read from its header only (the data stays on disk):
+    what ``backend: auto`` sizes the search by (``crf.backend_choice``).
+
+    Raises:
+        FileNotFoundError: the file does not exist. ValueError: not a readable ``.npz`` or no such key
+            (file and key named).
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if f"{key}.npy" not in names:
+                raise ValueError(f"{path} lacks key {key!r}; it has {sorted(n[:-4] for n in names)}")
+            with z.open(f"{key}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, _ = read(f)
+    except ValueError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError on a truncated file
+        raise ValueError(f"{path} is not a readable .npz: {exc}") from exc
+    return tuple(int(x) for x in shape)
 
 
 def load_crf_input(path: str | os.PathLike, keys: Sequence[str] = CRF_INPUT_KEYS) -> dict[str, np.ndarray]:

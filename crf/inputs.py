@@ -10,11 +10,15 @@ here first, and every error names the argument, what was expected and what was g
 from __future__ import annotations
 
 import numpy as np
+from .errors import CRFInputError
 
-__all__ = ["BACKENDS", "PROB_EPSILON", "SUM_TOLERANCE", "check_backend", "check_inputs"]
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "PROB_EPSILON", "SUM_TOLERANCE", "check_backend", "check_inputs"]
 
-#: Backends accepted by ``crf.dense.dense_crf`` (and the search, ``crf.search``).
+#: The backends that run a CRF (``crf.dense.dense_crf``, ``crf.parallel``, ``crf.search``).
 BACKENDS = ("pydensecrf", "torch")
+#: What a caller may ask for: a backend, or ``"auto"`` (``crf.backend_choice.resolve_backend``: the torch
+#: backend when it is installed and the inputs fit its memory budget, pydensecrf otherwise).
+BACKEND_CHOICES = ("auto", *BACKENDS)
 #: The unary convention of both backends: probabilities are clipped at this value before ``-log`` (unary at
 #: most -log(1e-8) = 18.4; see ``crf.dense`` for why the clipping does not change the labelling).
 PROB_EPSILON = 1e-8
@@ -25,27 +29,28 @@ SUM_TOLERANCE = 1e-3
 
 
 def check_backend(backend: str, device: str) -> None:
-    """Check that ``backend`` is one of :data:`BACKENDS` and ``device`` is one it supports.
+    """Check that ``backend`` is one of :data:`BACKEND_CHOICES` and ``device`` is one it supports.
 
-    ``"pydensecrf"`` runs on ``"cpu"`` only; ``"torch"`` takes ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (whether
-    CUDA is present is checked when the torch backend runs, ``crf.torch_backend.resolve_device``).
+    ``"pydensecrf"`` runs on ``"cpu"`` only; ``"torch"`` and ``"auto"`` take ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"`` (whether CUDA is present is checked when the torch backend runs,
+    ``crf.torch_backend.resolve_device``).
 
     Raises:
-        ValueError: an unknown backend, a device that is not a string, or a device the backend does not
+        CRFInputError (a ValueError): an unknown backend, a device that is not a string, or a device the backend does not
             support; the message names the value and what is accepted.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend not in BACKEND_CHOICES:
+        raise CRFInputError(f"backend must be one of {list(BACKEND_CHOICES)}, got {backend!r}")
     if not isinstance(device, str):
-        raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {device!r}")
+        raise CRFInputError(f"device must be a string such as 'cpu' or 'cuda', got {device!r}")
     if backend == "pydensecrf":
         if device != "cpu":
-            raise ValueError(f"device {device!r} is not available for backend 'pydensecrf' (CPU only); "
+            raise CRFInputError(f"device {device!r} is not available for backend 'pydensecrf' (CPU only); "
                              "use device='cpu' or backend='torch'")
         return
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' for backend 'torch', got {device!r}")
+        raise CRFInputError(f"device must be 'cpu', 'cuda' or 'cuda:N' for backend {backend!r}, got {device!r}")
 
 
 def check_inputs(image: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,32 +67,32 @@ def check_inputs(image: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.n
     Raises:
         TypeError: ``image`` is not uint8 (a float image is refused rather than silently cast, since
             it may be 0..1 or mean-subtracted BGR), or ``probs`` is not a floating point array.
-        ValueError: a wrong number of dimensions or channels, H, W that differ between image and
+        CRFInputError (a ValueError): a wrong number of dimensions or channels, H, W that differ between image and
             probs, C < 2, NaN/inf, negative values, or probabilities that do not sum to 1.
     """
     image = np.asarray(image)
     probs = np.asarray(probs)
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
+        raise CRFInputError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
     if image.dtype != np.uint8:
         raise TypeError(f"image must be uint8 RGB 0..255, got dtype {image.dtype} (shape {image.shape}); "
                         "convert it explicitly (a float image is never cast silently)")
     if probs.ndim != 3:
-        raise ValueError(f"probs must be (C, H, W), got shape {probs.shape}")
+        raise CRFInputError(f"probs must be (C, H, W), got shape {probs.shape}")
     if not np.issubdtype(probs.dtype, np.floating):
         raise TypeError(f"probs must be floating point class probabilities, got dtype {probs.dtype}")
     if probs.shape[0] < 2:
-        raise ValueError(f"probs must have C >= 2 classes, got shape {probs.shape}")
+        raise CRFInputError(f"probs must have C >= 2 classes, got shape {probs.shape}")
     if probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probs (C, H, W) = {probs.shape} and image (H, W, 3) = {image.shape} differ in H, W")
+        raise CRFInputError(f"probs (C, H, W) = {probs.shape} and image (H, W, 3) = {image.shape} differ in H, W")
     p = np.ascontiguousarray(probs, dtype=np.float32)
     if not np.isfinite(p).all():
-        raise ValueError(f"probs hold NaN or inf values (shape {probs.shape}, dtype {probs.dtype})")
+        raise CRFInputError(f"probs hold NaN or inf values (shape {probs.shape}, dtype {probs.dtype})")
     low = float(p.min())
     if low < 0:
-        raise ValueError(f"probs must be non-negative, got a minimum of {low:g}")
+        raise CRFInputError(f"probs must be non-negative, got a minimum of {low:g}")
     err = float(np.abs(p.sum(axis=0, dtype=np.float64) - 1.0).max())
     if err > SUM_TOLERANCE:
-        raise ValueError(f"probs must sum to 1 over C (axis 0) within {SUM_TOLERANCE:g}, largest deviation is "
+        raise CRFInputError(f"probs must sum to 1 over C (axis 0) within {SUM_TOLERANCE:g}, largest deviation is "
                          f"{err:.3g}; pass probabilities (see crf.dense.scores_to_probs), not raw scores")
     return np.ascontiguousarray(image), p

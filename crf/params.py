@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from .errors import CRFInputError
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class CRFParams:
         iterations: number of mean-field iterations; 10 for every number in the paper.
 
     Raises:
-        ValueError: a weight is negative or not finite, a standard deviation is not positive, or
+        CRFInputError (a ValueError): a weight is negative or not finite, a standard deviation is not positive, or
             ``iterations`` is not a positive integer. The message names the field and the value.
     """
 
@@ -39,16 +40,16 @@ class CRFParams:
         for name in ("w1", "w2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"CRFParams.{name} must be a finite number >= 0, got {value!r}")
+                raise CRFInputError(f"CRFParams.{name} must be a finite number >= 0, got {value!r}")
             object.__setattr__(self, name, float(value))
         for name in ("sigma_alpha", "sigma_beta", "sigma_gamma"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"CRFParams.{name} must be a finite number > 0, got {value!r}")
+                raise CRFInputError(f"CRFParams.{name} must be a finite number > 0, got {value!r}")
             object.__setattr__(self, name, float(value))
         it = self.iterations
         if isinstance(it, bool) or not isinstance(it, int) or it < 1:
-            raise ValueError(f"CRFParams.iterations must be an integer >= 1, got {it!r}")
+            raise CRFInputError(f"CRFParams.iterations must be an integer >= 1, got {it!r}")
 
     def to_dict(self) -> dict:
         """The parameters as a plain dict (JSON/YAML friendly)."""
@@ -59,12 +60,12 @@ class CRFParams:
         """Build from a dict, rejecting unknown keys with a message that names them.
 
         Raises:
-            ValueError: an unknown key, or a value that fails the checks above.
+            CRFInputError (a ValueError): an unknown key, or a value that fails the checks above.
         """
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown CRF parameter(s) {unknown}; expected a subset of {sorted(known)}")
+            raise CRFInputError(f"unknown CRF parameter(s) {unknown}; expected a subset of {sorted(known)}")
         return cls(**values)
 
 

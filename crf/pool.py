@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable, Optional
+from .errors import CRFInputError
 
 __all__ = ["resolve_workers", "worker_threads", "watch_parent", "worker_init", "make_executor", "InlineExecutor"]
 
@@ -25,7 +26,7 @@ def resolve_workers(workers: int | None) -> int:
     if workers is None:
         return os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be None or an integer >= 1, got {workers!r}")
+        raise CRFInputError(f"workers must be None or an integer >= 1, got {workers!r}")
     return workers
 
 
@@ -58,7 +59,7 @@ def worker_init(threads: int, backend: str, initializer: Optional[Callable[..., 
     if parent_pid is not None:
         watch_parent(parent_pid)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    if backend == "torch":
+    if backend in ("torch", "auto"):
         import torch
 
         torch.set_num_threads(threads)
@@ -72,12 +73,12 @@ def make_executor(workers: int, backend: str, *, processes_per_machine: int = 1,
 
     Args:
         workers: processes in the pool (>= 1).
-        backend: ``"pydensecrf"`` or ``"torch"`` (the torch backend also gets ``torch.set_num_threads``).
+        backend: ``"pydensecrf"``, ``"torch"`` or ``"auto"`` (torch and auto also get ``torch.set_num_threads``).
         processes_per_machine: other processes sharing the cores (torchrun's local ranks), 1 by default.
         initializer, initargs: run in every worker after the thread cap (must be picklable).
 
     Raises:
-        ValueError: ``workers`` is not an integer >= 1.
+        CRFInputError (a ValueError): ``workers`` is not an integer >= 1.
     """
     workers = resolve_workers(workers)
     threads = worker_threads(workers, processes_per_machine)

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from .inputs import PROB_EPSILON, check_inputs
 from .params import CRFParams
 from .permutohedral import PermutohedralLattice, bilateral_features, gaussian_features
+from .step_times import StepTimes, Step, profile_steps
+from .errors import CRFInputError
 
 __all__ = [
     "PairwiseTerm",
@@ -52,7 +54,10 @@ __all__ = [
     "dense_crf_torch",
     "dense_crf_torch_grid",
     "dense_crf_torch_batch",
+    "dense_crf_torch_grid_batch",
     "dense_crf_tensor",
+    "StepTimes",
+    "profile_steps",
 ]
 
 # One unary convention for both backends: probabilities clipped at crf.inputs.PROB_EPSILON before the log.
@@ -188,27 +193,27 @@ def mean_field(
         labels with ``labels_only``.
 
     Raises:
-        ValueError: wrong shapes, a term's lattice with another N or another number of weights, or
+        CRFInputError (a ValueError): wrong shapes, a term's lattice with another N or another number of weights, or
             ``iterations`` < 0.
     """
     if unary.dim() == 2:
         unary = unary.unsqueeze(0)
     if unary.dim() != 3:
-        raise ValueError(f"unary must be (K, C, N), got shape {tuple(unary.shape)}")
+        raise CRFInputError(f"unary must be (K, C, N), got shape {tuple(unary.shape)}")
     k_in, c, n = unary.shape
     k = int(num_configs) if num_configs is not None else k_in
     if k_in not in (1, k):
-        raise ValueError(f"unary has K={k_in} configurations but num_configs={k}")
+        raise CRFInputError(f"unary has K={k_in} configurations but num_configs={k}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+        raise CRFInputError(f"iterations must be an integer >= 0, got {iterations!r}")
     device = unary.device
     if device.type == "cpu":
         reuse_freed_memory()
     for index, term in enumerate(terms):
         if term.lattice.num_points != n:
-            raise ValueError(f"terms[{index}]: lattice has N={term.lattice.num_points} points, unary has N={n}")
+            raise CRFInputError(f"terms[{index}]: lattice has N={term.lattice.num_points} points, unary has N={n}")
         if term.weights.numel() != k:
-            raise ValueError(f"terms[{index}]: {term.weights.numel()} weights for {k} configurations")
+            raise CRFInputError(f"terms[{index}]: {term.weights.numel()} weights for {k} configurations")
     # a zero Potts weight adds exactly nothing (densecrf adds -0 * message)
     active = [t for t in terms if bool((t.weights != 0).any())]
 
@@ -238,8 +243,14 @@ def mean_field(
     first = None
     if shared:
         # Q0 = softmax(-U) is the same for every configuration: filter it once per kernel.
-        q0 = torch.softmax(neg_unary[:, 0], dim=1)
-        first = [t.lattice.blur(t.lattice.splat(q0, t.norm)) for t in active]
+        with Step("softmax", device):
+            q0 = torch.softmax(neg_unary[:, 0], dim=1)
+        first = []
+        for t in active:
+            with Step("splat", device):
+                splatted = t.lattice.splat(q0, t.norm)
+            with Step("blur", device):
+                first.append(t.lattice.blur(splatted))
 
     for g0 in range(0, k, per_group):
         kg = min(per_group, k - g0)
@@ -255,22 +266,32 @@ def mean_field(
                 lats = []
                 for ti, t in enumerate(active):
                     if q is None and first is not None:
-                        lat = first[ti].repeat(1, kg)[:, s:e] * channel_w[ti][s:e]
+                        with Step("compatibility", device):
+                            lat = first[ti].repeat(1, kg)[:, s:e] * channel_w[ti][s:e]
                     else:
                         if q is None:
-                            q = torch.softmax(nu, dim=2)
+                            with Step("softmax", device):
+                                q = torch.softmax(nu, dim=2)
                         values = q.view(n, width)[:, s:e]
-                        lat = t.lattice.blur(t.lattice.splat(values.contiguous(), t.norm)).mul_(channel_w[ti][s:e])
+                        with Step("splat", device):
+                            lat = t.lattice.splat(values.contiguous(), t.norm)
+                        with Step("blur", device):
+                            lat = t.lattice.blur(lat)
+                        with Step("compatibility", device):
+                            lat = lat.mul_(channel_w[ti][s:e])
                     lats.append(lat)
-                rows_all = torch.cat(lats) if len(lats) > 1 else lats[0]
-                part = F.embedding_bag(slice_index, rows_all, mode="sum", per_sample_weights=slice_weights)
+                with Step("slice", device):
+                    rows_all = torch.cat(lats) if len(lats) > 1 else lats[0]
+                    part = F.embedding_bag(slice_index, rows_all, mode="sum", per_sample_weights=slice_weights)
                 if energy is None:
                     energy = part
                 else:
                     energy[:, s:e] = part
             energy = energy.view(n, kg, c)
-            energy.add_(nu)
-            q = torch.softmax(energy, dim=2)
+            with Step("compatibility", device):
+                energy.add_(nu)
+            with Step("softmax", device):
+                q = torch.softmax(energy, dim=2)
         if labels_only:
             out[g0 : g0 + kg] = q.argmax(dim=2).T
         else:
@@ -292,7 +313,7 @@ def _checked(image: np.ndarray, probs: np.ndarray, where: str = "") -> tuple[np.
 
 def _check_params(params: object, name: str = "params") -> CRFParams:
     if not isinstance(params, CRFParams):
-        raise ValueError(f"{name} must be a crf.params.CRFParams, got {type(params).__name__}")
+        raise CRFInputError(f"{name} must be a crf.params.CRFParams, got {type(params).__name__}")
     return params
 
 
@@ -345,10 +366,11 @@ def _run_configs(
     out_shape = (len(params_list), n) if labels_only else (len(params_list), c, n)
     out = torch.empty(out_shape, dtype=torch.int64 if labels_only else torch.float32, device=device)
     for (sigma_gamma, sigma_alpha, sigma_beta, iterations), members in groups.items():
-        gaussian_lattice, gaussian_norm = _gaussian_lattice(sizes, sigma_gamma, device)
-        features = torch.cat([bilateral_features(im, sigma_alpha, sigma_beta) for im in images], dim=0)
-        bilateral_lattice = PermutohedralLattice(features, segments=seg_arg)
-        bilateral_norm = symmetric_normalization(bilateral_lattice)
+        with Step("lattice", device):
+            gaussian_lattice, gaussian_norm = _gaussian_lattice(sizes, sigma_gamma, device)
+            features = torch.cat([bilateral_features(im, sigma_alpha, sigma_beta) for im in images], dim=0)
+            bilateral_lattice = PermutohedralLattice(features, segments=seg_arg)
+            bilateral_norm = symmetric_normalization(bilateral_lattice)
         w2 = torch.tensor([params_list[i].w2 for i in members], dtype=torch.float32, device=device)
         w1 = torch.tensor([params_list[i].w1 for i in members], dtype=torch.float32, device=device)
         # densecrf's order: the Gaussian term is added first, then the bilateral one.
@@ -386,7 +408,7 @@ def dense_crf_torch(
         float32 ``(C, H, W)`` marginals Q after ``params.iterations`` mean-field iterations.
 
     Raises:
-        ValueError: a wrong shape, dtype, non-finite value or a ``probs`` sum off 1 (the message names
+        CRFInputError (a ValueError): a wrong shape, dtype, non-finite value or a ``probs`` sum off 1 (the message names
             the argument, the expected and the actual value); ``params`` not a CRFParams.
         RuntimeError: ``device`` is CUDA and CUDA is not available.
     """
@@ -421,13 +443,13 @@ def dense_crf_torch_grid(
         int64 ``(K, H, W)`` labels.
 
     Raises:
-        ValueError: bad ``image``/``probs`` (as in :func:`dense_crf_torch`), an empty ``params_list``
+        CRFInputError (a ValueError): bad ``image``/``probs`` (as in :func:`dense_crf_torch`), an empty ``params_list``
             or an entry that is not a CRFParams (named by index).
         RuntimeError: ``device`` is CUDA and CUDA is not available.
     """
     image, probs = _checked(image, probs)
     if isinstance(params_list, CRFParams) or len(params_list) == 0:
-        raise ValueError("params_list must be a non-empty sequence of CRFParams")
+        raise CRFInputError("params_list must be a non-empty sequence of CRFParams")
     params_list = [_check_params(p, f"params_list[{i}]") for i, p in enumerate(params_list)]
     dev = resolve_device(device)
     image_t, unary = _prepare(image, probs, dev)
@@ -437,6 +459,58 @@ def dense_crf_torch_grid(
     return q.reshape(len(params_list), *shape).cpu().numpy()
 
 
+def dense_crf_torch_grid_batch(
+    images: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray],
+    params_list: Sequence[CRFParams],
+    device: str | torch.device = "cpu",
+    *,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    checked: bool = False,
+) -> list[np.ndarray]:
+    """Labellings of B images (sizes may differ) under K configurations: the search's images x
+    configurations in one call (issue #13 item 6, #14).
+
+    The images' points go through one Gaussian and one bilateral lattice per (sigma_alpha, sigma_beta)
+    whose point sets are kept apart (segments), and the configurations that share a lattice run as extra
+    channels; each labelling equals :func:`dense_crf_torch_grid` of that image alone.
+
+    Args:
+        images: B RGB uint8 ``(H_b, W_b, 3)``. probs: B float32 ``(C, H_b, W_b)`` with the same C.
+        params_list: K >= 1 CRFParams. device, memory_mb: as in :func:`dense_crf_torch`.
+        checked: the inputs were already checked by ``crf.inputs.check_inputs`` (the search's cache).
+
+    Returns:
+        B int64 arrays ``(K, H_b, W_b)``, the labels of each configuration in the order of ``params_list``.
+
+    Raises:
+        CRFInputError (a ValueError): different lengths, an empty batch or grid, a different C, a bad entry.
+        RuntimeError: CUDA requested but not available.
+    """
+    if len(images) != len(probs) or len(images) == 0:
+        raise CRFInputError(f"images and probs must be non-empty and of equal length, got {len(images)} and {len(probs)}")
+    if not checked:
+        pairs = [_checked(image, prob, f"images[{b}]/probs[{b}]") for b, (image, prob) in enumerate(zip(images, probs))]
+        images, probs = [c[0] for c in pairs], [c[1] for c in pairs]
+    for b, prob in enumerate(probs):
+        if prob.shape[0] != probs[0].shape[0]:
+            raise CRFInputError(f"probs[{b}] has C={prob.shape[0]} labels, probs[0] has C={probs[0].shape[0]}")
+    if isinstance(params_list, CRFParams) or len(params_list) == 0:
+        raise CRFInputError("params_list must be a non-empty sequence of CRFParams")
+    params_list = [_check_params(p, f"params_list[{i}]") for i, p in enumerate(params_list)]
+    dev = resolve_device(device)
+    prepared = [_prepare(image, prob, dev) for image, prob in zip(images, probs)]
+    unary = torch.cat([u for _, u in prepared], dim=1).unsqueeze(0)
+    with torch.no_grad():
+        labels = _run_configs([im for im, _ in prepared], unary, params_list, memory_mb, labels_only=True)
+    results, start = [], 0
+    for prob in probs:
+        size = prob.shape[1] * prob.shape[2]
+        results.append(labels[:, start : start + size].reshape(len(params_list), *prob.shape[1:]).cpu().numpy())
+        start += size
+    return results
+
+
 def dense_crf_torch_batch(
     images: Sequence[np.ndarray],
     probs: Sequence[np.ndarray],
@@ -444,6 +518,7 @@ def dense_crf_torch_batch(
     device: str | torch.device = "cpu",
     *,
     memory_mb: float = DEFAULT_MEMORY_MB,
+    labels_only: bool = False,
 ) -> list[np.ndarray]:
     """Dense CRF of several images at once (sizes may differ), one configuration.
 
@@ -453,31 +528,33 @@ def dense_crf_torch_batch(
     Args:
         images: B RGB uint8 ``(H_b, W_b, 3)`` arrays. probs: B float32 ``(C, H_b, W_b)`` arrays with
             the same C. params, device, memory_mb: as in :func:`dense_crf_torch`.
+        labels_only: return the labellings (argmax over C) instead of the marginals.
 
     Returns:
-        B float32 ``(C, H_b, W_b)`` arrays of marginals.
+        B float32 ``(C, H_b, W_b)`` arrays of marginals, or B int64 ``(H_b, W_b)`` labels with ``labels_only``.
 
     Raises:
-        ValueError: different lengths, an empty batch, a different C, or a bad entry (named
+        CRFInputError (a ValueError): different lengths, an empty batch, a different C, or a bad entry (named
             ``images[b]`` / ``probs[b]``). RuntimeError: CUDA requested but not available.
     """
     if len(images) != len(probs) or len(images) == 0:
-        raise ValueError(f"images and probs must be non-empty and of equal length, got {len(images)} and {len(probs)}")
+        raise CRFInputError(f"images and probs must be non-empty and of equal length, got {len(images)} and {len(probs)}")
     checked = [_checked(image, prob, f"images[{b}]/probs[{b}]") for b, (image, prob) in enumerate(zip(images, probs))]
     images, probs = [c[0] for c in checked], [c[1] for c in checked]
     for b, prob in enumerate(probs):
         if prob.shape[0] != probs[0].shape[0]:
-            raise ValueError(f"probs[{b}] has C={prob.shape[0]} labels, probs[0] has C={probs[0].shape[0]}")
+            raise CRFInputError(f"probs[{b}] has C={prob.shape[0]} labels, probs[0] has C={probs[0].shape[0]}")
     _check_params(params)
     dev = resolve_device(device)
     prepared = [_prepare(image, prob, dev) for image, prob in zip(images, probs)]
     unary = torch.cat([u for _, u in prepared], dim=1).unsqueeze(0)
     with torch.no_grad():
-        q = _run_configs([im for im, _ in prepared], unary, [params], memory_mb)[0]
+        q = _run_configs([im for im, _ in prepared], unary, [params], memory_mb, labels_only=labels_only)[0]
     results, start = [], 0
     for prob in probs:
         size = prob.shape[1] * prob.shape[2]
-        results.append(q[:, start : start + size].reshape(prob.shape).cpu().numpy())
+        part = q[start : start + size] if labels_only else q[:, start : start + size]
+        results.append(part.reshape(prob.shape[1:] if labels_only else prob.shape).cpu().numpy())
         start += size
     return results
 
@@ -500,21 +577,21 @@ def dense_crf_tensor(
         float32 ``(B, C, H, W)`` marginals for one CRFParams, ``(K, B, C, H, W)`` for a sequence.
 
     Raises:
-        ValueError: shapes that do not match, a non-finite unary, or a bad ``params``.
+        CRFInputError (a ValueError): shapes that do not match, a non-finite unary, or a bad ``params``.
     """
     if images.dim() != 4 or images.shape[3] != 3:
-        raise ValueError(f"images must be (B, H, W, 3), got {tuple(images.shape)}")
+        raise CRFInputError(f"images must be (B, H, W, 3), got {tuple(images.shape)}")
     if unary.dim() != 4 or unary.shape[0] != images.shape[0] or unary.shape[2:] != images.shape[1:3]:
-        raise ValueError(
+        raise CRFInputError(
             f"unary must be (B, C, H, W) = ({images.shape[0]}, C, {images.shape[1]}, {images.shape[2]}), "
             f"got {tuple(unary.shape)}"
         )
     if not bool(torch.isfinite(unary).all()):
-        raise ValueError("unary must be finite")
+        raise CRFInputError("unary must be finite")
     single = isinstance(params, CRFParams)
     params_list = [params] if single else [_check_params(p, f"params[{i}]") for i, p in enumerate(params)]
     if not params_list:
-        raise ValueError("params must be a CRFParams or a non-empty sequence of them")
+        raise CRFInputError("params must be a CRFParams or a non-empty sequence of them")
     b, c, h, w = unary.shape
     flat = unary.to(torch.float32).permute(1, 0, 2, 3).reshape(1, c, b * h * w)
     with torch.no_grad():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from .errors import CRFInputError
 
 __all__ = ["void_distance", "trimap_band"]
 
@@ -30,11 +31,11 @@ def void_distance(gt: np.ndarray, ignore_index: int = 255) -> np.ndarray:
         (H, W) float32; 0 on void pixels; ``inf`` everywhere when the map has no void pixel.
 
     Raises:
-        ValueError: ``gt`` is not 2-D.
+        CRFInputError (a ValueError): ``gt`` is not 2-D.
     """
     gt = np.asarray(gt)
     if gt.ndim != 2:
-        raise ValueError(f"label map must be (H, W), got shape {gt.shape}")
+        raise CRFInputError(f"label map must be (H, W), got shape {gt.shape}")
     labelled = gt != ignore_index
     if labelled.all():
         return np.full(gt.shape, np.inf, dtype=np.float32)
@@ -54,9 +55,9 @@ def trimap_band(gt: np.ndarray, width: int, ignore_index: int = 255) -> np.ndarr
         ``void_distance(gt) <= width`` on the labelled pixels. Empty when the map has no void pixel.
 
     Raises:
-        ValueError: ``width`` < 0, or ``gt`` is not 2-D.
+        CRFInputError (a ValueError): ``width`` < 0, or ``gt`` is not 2-D.
     """
     if width < 0:
-        raise ValueError(f"band width must be >= 0 pixels, got {width}")
+        raise CRFInputError(f"band width must be >= 0 pixels, got {width}")
     gt = np.asarray(gt)
     return (void_distance(gt, ignore_index) <= width) & (gt != ignore_index)

@@ -1,32 +1,93 @@
 """The ``deeplab`` command: ``run`` (every stage of an experiment) and one subcommand per stage.
 
-    deeplab run [EXPERIMENT.yaml] [--set key=value ...] [--redo STAGE ...]
-    deeplab train|test|crf-search|crf|evaluate EXPERIMENT.yaml [--set ...] [--redo]
+    deeplab run [EXPERIMENT] [--set key=value ...] [--redo STAGE ...]
+    deeplab train|test|crf-search|crf|evaluate EXPERIMENT [--set ...] [--redo]
+    deeplab predict IMAGE... --weights CK.pth [--crf] [--params w1=..,..] --out DIR
+    deeplab compare RUN_DIR... [--out DIR]
     deeplab convert IN.caffemodel OUT.pth --model NAME
+    deeplab --version
 
-With no experiment, ``run`` uses ``experiments/default.yaml``: a short LargeFOV run on the real VOC
-images shipped in ``experiments/sample``.
+EXPERIMENT is a YAML file or the name of a packaged experiment (``default``, ``crf-demo``, the
+``voc12-*`` files): the repository's ``experiments/`` folder, installed as the resource package
+``deeplab_v1.experiments`` and read through ``importlib.resources``, so a wheel runs offline. With no
+experiment, ``run`` uses ``default``: a short LargeFOV run on the real VOC images shipped in
+``experiments/sample``. Runs go to ``./runs/<name>`` under the current folder unless the experiment sets
+``output_dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Optional
 
-from .config import STAGES, load_config
+from .config import STAGES, ConfigError, load_config
 from .errors import DeepLabError
 
-DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
+#: The packaged experiment ``deeplab run`` runs with no argument.
+DEFAULT_EXPERIMENT_NAME = "default"
+
+
+def packaged_experiments() -> Path:
+    """The folder of the packaged experiments (``deeplab_v1.experiments``: the repository's
+    ``experiments/``, package data of the wheel).
+
+    Raises:
+        ConfigError: the package is not installed as files (a zipped install), or was installed before
+            the experiments became package data (reinstall: ``pip install -e .``).
+    """
+    try:
+        root = resources.files("deeplab_v1.experiments")
+    except ModuleNotFoundError:
+        raise ConfigError("the packaged experiments (deeplab_v1.experiments) are not installed; reinstall the "
+                          "package (pip install -e . in a checkout)") from None
+    if not isinstance(root, Path):
+        raise ConfigError(f"the packaged experiments are not plain files ({root}); install deeplab-v1 unzipped")
+    return root
+
+
+def packaged_experiment_names() -> list[str]:
+    """Names ``deeplab run NAME`` accepts without a path (the packaged ``*.yaml``, without the suffix)."""
+    return sorted(p.stem for p in packaged_experiments().glob("*.yaml"))
+
+
+def resolve_experiment(arg: Optional[str]) -> Path:
+    """The experiment file ``arg`` names: an existing file, else a packaged experiment of that name
+    (``crf-demo`` or ``crf-demo.yaml``); None: the packaged default.
+
+    Raises:
+        ConfigError: neither a file nor a packaged name (the message lists the packaged names).
+    """
+    if arg is None:
+        arg = DEFAULT_EXPERIMENT_NAME
+    path = Path(arg)
+    if path.is_file():
+        return path
+    if path.name == arg:  # a bare name, no folder: look among the packaged experiments
+        candidate = packaged_experiments() / (arg if arg.endswith(".yaml") else f"{arg}.yaml")
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{arg}: no such experiment file, nor a packaged experiment of that name "
+                      f"(packaged: {', '.join(packaged_experiment_names())})")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("deeplab-v1")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return f"{__version__} (not installed)"
 
 
 def _add_common(p: argparse.ArgumentParser, optional_experiment: bool = False) -> None:
     if optional_experiment:
-        p.add_argument("experiment", nargs="?", type=Path, default=None,
-                       help=f"experiment YAML (default: {DEFAULT_EXPERIMENT.parent.name}/{DEFAULT_EXPERIMENT.name})")
+        p.add_argument("experiment", nargs="?", default=None,
+                       help=f"experiment YAML or packaged name (default: {DEFAULT_EXPERIMENT_NAME}; also crf-demo)")
     else:
-        p.add_argument("experiment", type=Path, help="experiment YAML")
+        p.add_argument("experiment", help="experiment YAML or packaged name (e.g. crf-demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.iterations=100 (repeatable; YAML values)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -35,6 +96,7 @@ def _add_common(p: argparse.ArgumentParser, optional_experiment: bool = False) -
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplab", description="DeepLab v1 experiments: train, test, CRF, search, evaluate.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run every stage of an experiment (skips finished stages)")
     _add_common(p, optional_experiment=True)
@@ -52,10 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         p.add_argument("--redo", action="store_true", help="run the stage even if it is done")
         if name in ("crf", "crf-search"):
-            p.add_argument("--backend", choices=["pydensecrf", "torch"], help="CRF backend (overrides the YAML)")
+            p.add_argument("--backend", choices=["auto", "pydensecrf", "torch"], help="CRF backend (overrides the YAML; auto: torch when it fits the memory budget)")
             p.add_argument("--device", choices=["cpu", "cuda"], help="device of the torch CRF backend")
     p = sub.add_parser("convert", help="convert a .caffemodel (release or ImageNet VGG-16) into a checkpoint",
                        add_help=False)
+    text = "segment JPEG/PNG images with a checkpoint: label PNGs (DCNN, and DCNN-CRF with --crf) and an overlay"
+    p = sub.add_parser("predict", help=text, description=text)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files, any size")
+    p.add_argument("--weights", required=True, help="a checkpoint of ours (final.pth, iter_<N>.pth, deeplab convert's)")
+    p.add_argument("--model", help="model name (default: the one the checkpoint records)")
+    p.add_argument("--num-classes", type=int, help="fc8 classes (default: the checkpoint's record, else 21)")
+    p.add_argument("--crf", action="store_true", help="also run the fully connected CRF")
+    p.add_argument("--params", metavar="w1=..,sigma_alpha=..", help="CRF parameters on top of the run's search "
+                   "best (crf_search/best.json beside the checkpoint's run) or the release's LargeFOV values")
+    p.add_argument("--out", required=True, help="output folder: dcnn/, crf/, overlay/, predict.json")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--crf-backend", help="pydensecrf, torch or auto (default: auto where the crf package has it, "
+                   "else torch on CUDA and pydensecrf on the CPU)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--size", type=int, help="test padding in pixels (default: the release's, 513 or 514)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    text = "compare evaluated runs: one markdown table and one trimap figure (paper Table 1, Fig. 5)"
+    p = sub.add_parser("compare", help=text, description=text)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders with metrics.json and trimap.json")
+    p.add_argument("--out", default=None, help="output folder (default: ./runs/compare)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -66,23 +150,73 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         return int(convert_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
-    experiment = args.experiment or DEFAULT_EXPERIMENT
-    overrides = list(args.overrides)
+    if args.command in ("predict", "compare"):
+        return _guarded(args, lambda: _predict(args) if args.command == "predict" else _compare(args))
+    # a relative path given on the command line is the user's: from the current folder, never from the
+    # experiment file's (a packaged experiment's folder is inside the installed package)
+    overrides = [_absolute_path(o) for o in args.overrides]
     if getattr(args, "backend", None):
         section = "crf_search" if args.command == "crf-search" else "crf"
         overrides.append(f"{section}.backend={args.backend}")
     if getattr(args, "device", None):
         section = "crf_search" if args.command == "crf-search" else "crf"
         overrides.append(f"{section}.device={args.device}")
-    from .runner import Runner
 
-    try:
-        cfg = load_config(experiment, overrides)
+    def work() -> None:
+        from .runner import Runner
+
+        cfg = load_config(resolve_experiment(args.experiment), overrides)
         if args.command == "run":
             Runner(cfg, progress=not args.no_progress, redo=args.redo).run()
+            from .stages.report import headline
+
+            print(headline(cfg), file=sys.stderr)
         else:  # one stage; --redo reruns this stage alone, not the ones after it
             stage = args.command.replace("-", "_")
             Runner(cfg, progress=not args.no_progress, redo_only=[stage] if args.redo else []).run([stage])
+
+    return _guarded(args, work)
+
+
+#: Keys whose value is a path: given relative on the command line, they are taken from the current folder.
+PATH_KEYS = ("output_dir", "model.init", "data.root", "data.train_list", "data.test_list")
+
+
+def _absolute_path(override: str) -> str:
+    """``KEY=REL`` -> ``KEY=<cwd>/REL`` for the path keys (``PATH_KEYS``; a list is a path when it ends in
+    ``.txt``, else a split name); other overrides unchanged. In an experiment file relative paths are taken
+    from the file's folder; on the command line they are the user's, from where the command runs."""
+    key, sep, value = override.partition("=")
+    key, value = key.strip(), value.strip()
+    if key not in PATH_KEYS or not sep or not value or value in ("null", "~") or Path(value).expanduser().is_absolute():
+        return override
+    if key.startswith("data.") and key.endswith("_list") and not value.endswith(".txt"):
+        return override
+    return f"{key}={(Path.cwd() / value).resolve()}"
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .predict import predict_images
+
+    predict_images(args.images, args.weights, args.out, model=args.model, num_classes=args.num_classes,
+                   use_crf=args.crf, params=args.params, device=args.device, crf_backend=args.crf_backend,
+                   batch_size=args.batch_size, size=args.size, progress=not args.no_progress,
+                   log=lambda line: print(line, file=sys.stderr))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from .compare import compare_runs
+
+    out = Path(args.out) if args.out else Path.cwd() / "runs" / "compare"
+    text, written = compare_runs(args.runs, out)
+    print(text)
+    print(f"compare: wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+
+
+def _guarded(args: argparse.Namespace, work) -> int:
+    """Run ``work()``; a user error is one line with exit status 2, an internal fault one line with 1."""
+    try:
+        work()
     except (DeepLabError, OSError) as exc:  # bad input, or a file the system refused (permissions, disk)
         if args.debug:
             raise

@@ -166,7 +166,7 @@ class CRFConfig:
     enabled: bool = True
     params: CRFParams = RELEASE_LARGEFOV
     use_search: bool = True
-    backend: Literal["auto", "pydensecrf", "torch"] = "pydensecrf"
+    backend: Literal["auto", "pydensecrf", "torch"] = "auto"
     device: Literal["cpu", "cuda"] = "cpu"
     workers: Optional[int] = None
     memory_mb: Optional[int] = None
@@ -181,8 +181,10 @@ class CRFSearchConfig:
     The stage's own keys are ``enabled``, ``num_images`` and ``seed`` (which images); every other key of
     the section is a field of ``crf.search.SearchConfig`` (``w1``, ``sigma_alpha``, ``sigma_beta``,
     ``w2``, ``sigma_gamma``, ``iterations``, ``rounds``, ``shrink``, ``objective`` (``miou`` or
-    ``trimap_miou``), ``trimap_width``, ``backend``, ``device``, ``workers``), checked by it and kept as
-    ``search``: the one definition of the search's configuration.
+    ``trimap_miou``), ``trimap_width``, ``backend`` (``auto``, ``torch``, ``pydensecrf``), ``device``,
+    ``workers``, ``memory_mb``, ``strategy`` (``grid``, the paper's, or ``halving``: successive halving),
+    ``eta``, ``min_images``, ``halving_seed``), checked by it and kept as ``search``: the one definition
+    of the search's configuration.
     """
 
     enabled: bool = False
@@ -211,7 +213,7 @@ STAGES: tuple[str, ...] = ("train", "test", "crf_search", "crf", "evaluate")
 @dataclass
 class ExperimentConfig:
     """A whole experiment. ``output_dir``: the run folder (relative to the YAML file's folder; default
-    ``runs/<name>``). ``tf32``: allow TF32 matmuls/convolutions on CUDA (off: the release's fp32). ``stages``: which of train, test, crf_search, crf, evaluate ``deeplab run`` runs."""
+    ``./runs/<name>`` under the current folder, as mmsegmentation's work_dirs). ``tf32``: allow TF32 matmuls/convolutions on CUDA (off: the release's fp32). ``stages``: which of train, test, crf_search, crf, evaluate ``deeplab run`` runs."""
 
     name: str = "experiment"
     seed: int = 0
@@ -539,7 +541,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, *
         value = getattr(cfg.data, key)
         if value.endswith(".txt"):
             setattr(cfg.data, key, str(_resolve(Path(value), base)))
-    cfg.output_dir = _resolve(cfg.output_dir, base) if cfg.output_dir else (base / "runs" / cfg.name).resolve()
+    cfg.output_dir = _resolve(cfg.output_dir, base) if cfg.output_dir else (Path.cwd() / "runs" / cfg.name).resolve()
     validate(cfg, where, check_paths=check_paths)
     return cfg
 

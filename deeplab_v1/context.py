@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .config import ExperimentConfig
 from .data.lists import Sample, load_samples
+from .distributed import DistInfo, init_from_env
 from .errors import DeepLabError
 from .layout import RunLayout
 from .models.vgg import SPECS, VGGDeepLabSpec
@@ -31,8 +32,18 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record))
 
 
-def run_logger(layout: RunLayout) -> logging.Logger:
-    """The run's logger: ``run.log`` in the run folder (time-stamped) and the console (``[deeplab] ...``)."""
+def run_logger(layout: RunLayout, rank: int = 0) -> logging.Logger:
+    """The run's logger: ``run.log`` in the run folder (time-stamped) and the console (``[deeplab] ...``).
+    Ranks other than 0 of a distributed run write no file and print warnings only (``[deeplab rank r]``)."""
+    if rank != 0:
+        logger = logging.getLogger(f"deeplab.run.{layout.root}.rank{rank}")
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+        if not logger.handlers:
+            sh = _TqdmHandler()
+            sh.setFormatter(logging.Formatter(f"[deeplab rank {rank}] %(message)s"))
+            logger.addHandler(sh)
+        return logger
     logger = logging.getLogger(f"deeplab.run.{layout.root}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -48,7 +59,8 @@ def run_logger(layout: RunLayout) -> logging.Logger:
 
 @dataclass
 class RunContext:
-    """One run: ``cfg`` (validated experiment), ``layout`` (its folder), ``log``, ``device``, ``progress``.
+    """One run: ``cfg`` (validated experiment), ``layout`` (its folder), ``log``, ``device``, ``progress``,
+    ``dist`` (this process's rank in a torchrun job, ``deeplab_v1.distributed``; rank 0 of 1 alone).
 
     Raises (``create``):
         StageError: ``device: cuda`` without CUDA.
@@ -59,6 +71,7 @@ class RunContext:
     log: logging.Logger
     device: torch.device
     progress: bool = True
+    dist: DistInfo = field(default_factory=DistInfo)
     _test: Optional[list[Sample]] = field(default=None, init=False, repr=False)
     _train: Optional[list[Sample]] = field(default=None, init=False, repr=False)
 
@@ -67,8 +80,10 @@ class RunContext:
         """The context of ``cfg``'s run folder (created), with its logger."""
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise StageError("device: cuda was asked for but CUDA is not available")
+        info = init_from_env(cfg.device)  # torchrun's process group (a no-op for one process)
         layout = RunLayout(cfg.run_dir).ensure()
-        return cls(cfg, layout, run_logger(layout), torch.device(cfg.device), progress)
+        device = torch.device("cuda", info.local_rank) if cfg.device == "cuda" and info.active else torch.device(cfg.device)
+        return cls(cfg, layout, run_logger(layout, info.rank), device, progress and info.is_main, info)
 
     @property
     def v1_spec(self) -> Optional[VGGDeepLabSpec]:

@@ -29,7 +29,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 #: Keys inside those sections that change how the work is done, never its result.
 NEUTRAL_KEYS: frozenset[str] = frozenset({
     "train.checkpoint_every", "train.log_every", "train.num_workers", "train.tensorboard",
-    "test.num_workers", "test.batch_size", "crf_search.workers", "crf.workers", "crf.memory_mb",
+    "test.num_workers", "test.batch_size", "crf_search.workers", "crf_search.memory_mb", "crf.workers", "crf.memory_mb",
 })
 
 #: The stages whose artifacts each stage reads.

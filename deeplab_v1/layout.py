@@ -10,6 +10,7 @@ Layout of ``<output_dir>`` (stage that writes -> stages that read)::
     stages/<stage>.started.json the fingerprint of a stage under way runner
     checkpoints/iter_<N>.pth resumable training state            train -> train
     checkpoints/final.pth    the trained weights                 train -> test
+    tensorboard/             loss, lr, predictions (train.tensorboard) train -> (user)
     scores/<id>.npz          score cache (``ScoreMap``): the test net's scores
                                                                  test -> crf_search, crf
     predictions/dcnn/<id>.png arg-max of the upsampled scores    test -> evaluate
@@ -20,6 +21,7 @@ Layout of ``<output_dir>`` (stage that writes -> stages that read)::
     crf_search/results.jsonl, ranked.md, heatmap.png, best.json  crf_search -> crf, report
     metrics.json trimap.json trimap.png                          evaluate -> report
     report.md                                                    report
+    figures/<name>.{png,pdf,svg} qualitative (paper Fig. 4), crf_search heatmap, trimap report
 
 ``best.json`` is written by ``crf.search.run_search``; ``RunLayout.best_params`` is its one reader.
 """
@@ -39,7 +41,7 @@ from .config import STAGES
 
 #: What each stage writes (relative folders), cleared when the stage is redone.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "train": ("checkpoints",),
+    "train": ("checkpoints", "tensorboard"),
     "test": ("scores", "predictions/dcnn"),
     "crf_search": ("crf_search",),
     "crf": ("predictions/crf",),
@@ -88,6 +90,11 @@ class RunLayout:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        """``tensorboard/``: the SummaryWriter's event files (``train.tensorboard``)."""
+        return self.root / "tensorboard"
 
     @property
     def final_checkpoint(self) -> Path:

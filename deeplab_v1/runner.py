@@ -9,7 +9,9 @@ keys. ``redo`` reruns named stages and the stages after them (``redo_only`` the 
 finished or not. Within a stage, finished per-image files are kept, so a killed test or CRF stage
 continues where it stopped; a stage started under another fingerprint (``stages/<stage>.started.json``)
 starts from scratch. One run folder has one writer at a time (``.lock`` holds its pid; the lock of a dead
-process is taken over).
+process is taken over). Under torchrun (``deeplab_v1.distributed``) rank 0 holds the lock, checks the
+data, plans each stage and writes its record; every rank runs the ``DISTRIBUTED_STAGES``, with a
+barrier after each.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -29,6 +31,7 @@ from .config import ExperimentConfig
 from .context import RunContext, StageError
 from .data.check import check_samples
 from .data.lists import Sample
+from .distributed import DISTRIBUTED_STAGES, barrier, on_main
 from .fingerprints import STAGE_DATA, UPSTREAM, changed_keys, data_stamp, fingerprint, stage_inputs
 from .layout import STAGES
 from .stages import STAGE_RUNNERS
@@ -145,9 +148,16 @@ class Runner:
         for s in stages:
             if s not in STAGES:
                 raise StageError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
-        self.check_inputs()
-        with run_lock(self.layout.lock):
+        on_main(self.check_inputs)  # rank 0 checks (and writes .data_check.json); its error stops every rank
+        with self._lock():
             return self._run(stages)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """The run folder's lock, held by rank 0 alone (a refusal stops every rank)."""
+        with ExitStack() as stack:
+            on_main(lambda: stack.enter_context(run_lock(self.layout.lock)) and None)
+            yield
 
     def _remove_torn_writes(self) -> None:
         """Temporary files of atomic writes killed midway (``.<name>.*.tmp``, ``crf.atomic``): with the
@@ -157,7 +167,7 @@ class Runner:
                 self.log.info(f"removing {tmp}: the temporary file of a write that was killed")
                 tmp.unlink(missing_ok=True)
 
-    def _run(self, stages: list[str]) -> dict:
+    def _clear_for_redo(self) -> None:
         self._remove_torn_writes()
         cleared = set(self.redo_only)
         if self.redo:
@@ -165,41 +175,62 @@ class Runner:
         for s in cleared:  # finished or not: its artifacts go
             self.layout.clear(s)
             self.layout.started(s).unlink(missing_ok=True)
+
+    def _begin(self, stage: str) -> Optional[tuple[str, dict]]:
+        """(fingerprint, inputs) of a stage to run, its stale outputs cleared; None when it is done."""
+        fp, inputs = self.fingerprint(stage)
+        rec = self.layout.read_record(stage)
+        if rec is not None and rec.get("fingerprint") == fp:
+            self.log.info(f"stage {stage}: done already (skipped; --redo {stage} to rerun)")
+            return None
+        if rec is not None and "fingerprint" not in rec:
+            self.log.info(f"stage {stage}: its record has no fingerprint (a run folder of an older version): "
+                          "redoing it")
+            self.layout.clear(stage)
+        elif rec is not None:
+            keys = changed_keys(rec.get("inputs", {}), inputs) or ["the stages before it"]
+            self.log.info(f"stage {stage}: its inputs changed since it ran ({', '.join(keys)}): redoing it")
+            self.layout.clear(stage)
+        started = self._read_started(stage)
+        if started is not None and started.get("fingerprint") != fp:
+            self.log.info(f"stage {stage}: a run under other inputs left partial outputs: starting afresh")
+            self.layout.clear(stage)
+        atomic_write_json(self.layout.started(stage), {"fingerprint": fp})
+        if not self._wrote_config:  # config.yaml is rewritten only together with work it describes
+            atomic_write_text(self.layout.config, yaml.safe_dump(config_mod.to_dict(self.cfg), sort_keys=False))
+            self._wrote_config = True
+        self.log.info(f"stage {stage}: start")
+        return fp, inputs
+
+    def _run(self, stages: list[str]) -> dict:
+        # Several ranks (torchrun): rank 0 plans each stage and writes its record; every rank runs the
+        # DISTRIBUTED_STAGES; the stages after the last of those run on rank 0 alone, the others leave.
+        main = self.ctx.dist.is_main
+        on_main(self._clear_for_redo)
         t_all = time.perf_counter()
-        wrote_config = False
+        self._wrote_config = False
         for stage in STAGES:
             if stage not in stages:
                 continue
-            fp, inputs = self.fingerprint(stage)
-            rec = self.layout.read_record(stage)
-            if rec is not None and rec.get("fingerprint") == fp:
-                self.log.info(f"stage {stage}: done already (skipped; --redo {stage} to rerun)")
+            later = STAGES[STAGES.index(stage):]
+            solo = not any(s in DISTRIBUTED_STAGES and s in stages for s in later)
+            if solo and not main:
+                break
+            plan = self._begin(stage) if solo else on_main(lambda: self._begin(stage))
+            if plan is None:
                 continue
-            if rec is not None and "fingerprint" not in rec:
-                self.log.info(f"stage {stage}: its record has no fingerprint (a run folder of an older version): "
-                              "redoing it")
-                self.layout.clear(stage)
-            elif rec is not None:
-                keys = changed_keys(rec.get("inputs", {}), inputs) or ["the stages before it"]
-                self.log.info(f"stage {stage}: its inputs changed since it ran ({', '.join(keys)}): redoing it")
-                self.layout.clear(stage)
-            started = self._read_started(stage)
-            if started is not None and started.get("fingerprint") != fp:
-                self.log.info(f"stage {stage}: a run under other inputs left partial outputs: starting afresh")
-                self.layout.clear(stage)
-            atomic_write_json(self.layout.started(stage), {"fingerprint": fp})
-            if not wrote_config:  # config.yaml is rewritten only together with work it describes
-                atomic_write_text(self.layout.config, yaml.safe_dump(config_mod.to_dict(self.cfg), sort_keys=False))
-                wrote_config = True
-            self.log.info(f"stage {stage}: start")
+            fp, inputs = plan
             t0 = time.perf_counter()
-            details = STAGE_RUNNERS[stage](self.ctx) or {}
+            details = (STAGE_RUNNERS[stage](self.ctx) or {}) if main or stage in DISTRIBUTED_STAGES else {}
             seconds = time.perf_counter() - t0
-            self.layout.write_record(stage, seconds, {**details, "fingerprint": fp, "inputs": inputs})
-            self.layout.started(stage).unlink(missing_ok=True)
-            self.log.info(f"stage {stage}: finished in {seconds:.1f} s")
+            if not solo:
+                barrier()
+            if main:
+                self.layout.write_record(stage, seconds, {**details, "fingerprint": fp, "inputs": inputs})
+                self.layout.started(stage).unlink(missing_ok=True)
+                self.log.info(f"stage {stage}: finished in {seconds:.1f} s")
         metrics = {}
-        if self.layout.metrics.is_file():
+        if main and self.layout.metrics.is_file():
             metrics = json.loads(self.layout.metrics.read_text())
             summary = ", ".join(
                 f"{k} mIoU {metrics[k]['miou'] * 100:.2f}" for k in ("dcnn", "crf") if k in metrics and metrics[k]

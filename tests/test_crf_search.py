@@ -407,7 +407,7 @@ def test_trimap_objective_scores_the_band_only(voc_samples, tmp_path):
 def test_torch_backend_search_groups_configurations_and_agrees_with_pydensecrf(voc_samples, tmp_path):
     grid = dict(w1=[3.0, 10.0], sigma_alpha=[20.0], sigma_beta=[3.0], rounds=0, workers=1)
     a = run_search(voc_samples[:1], tmp_path / "torch", SearchConfig(backend="torch", **grid), progress=False)
-    b = run_search(voc_samples[:1], tmp_path / "pyd", SearchConfig(**grid), progress=False)
+    b = run_search(voc_samples[:1], tmp_path / "pyd", SearchConfig(backend="pydensecrf", **grid), progress=False)
     assert [(r["w1"], r["sigma_alpha"], r["sigma_beta"]) for r in a.rows] == \
         [(r["w1"], r["sigma_alpha"], r["sigma_beta"]) for r in b.rows]
     for ra, rb in zip(a.rows, b.rows):

@@ -362,6 +362,9 @@ def test_train_dataset_reproducible(sample_root: Path) -> None:
     a.set_epoch(0)
     assert torch.equal(a[0][0], x0)  # the same again when a resumed run comes back to epoch 0
     assert not torch.equal(TrainDataset(samples, 200, seed=6)[0][0], x0)
+    # loader workers cannot see set_epoch: item(index, epoch) gives the same crop, whatever the state
+    a.set_epoch(1)
+    assert torch.equal(a.item(0, 0)[0], x0) and torch.equal(a.item(0, 1)[0], a[0][0])
 
 
 def test_train_dataset_scale_range(sample_root: Path) -> None:

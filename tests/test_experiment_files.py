@@ -37,7 +37,17 @@ def _repo_relative(value):
 
 
 def _resolved(path: Path) -> dict:
-    """``to_dict`` of the experiment as ``load_config`` resolves it, bases included."""
+    """``to_dict`` of the experiment as ``load_config`` resolves it, bases included, from the repository
+    root (the default ``output_dir`` is ``./runs/<name>`` under the current folder)."""
+    here = os.getcwd()
+    os.chdir(REPO)
+    try:
+        return _resolved_here(path)
+    finally:
+        os.chdir(here)
+
+
+def _resolved_here(path: Path) -> dict:
     try:
         # once load_config reads files through read_experiment, this is all there is to it
         cfg = load_config(path, check_paths=False)

@@ -7,7 +7,7 @@ Measures, for 500x375 images with 21 labels and 10 mean-field iterations:
 * the cross-validation grid of ``crf.search.SearchConfig()`` (DeepLab v1 Sec. 5, MATLAB notation: w1 in
   [5, 10], i.e. the two values 5 and 10, sigma_alpha in [50:10:100], sigma_beta in [3:1:10], i.e.
   2 x 48 = 96 configurations), as the search stage runs it: configurations x images per second for
-  pydensecrf in one process, pydensecrf in one process per core (the search's default, every
+  pydensecrf in one process, pydensecrf in one process per core (the former default, every
   configuration from scratch), and torch (a lattice per (sigma_alpha, sigma_beta) shared by the w1
   values, which run as channels; the Gaussian lattice shared by all; labels only, as the search takes
   them). A subset of the 48 (sigma_alpha, sigma_beta) pairs is run and the full grid's time is

@@ -1,17 +1,21 @@
-"""Benchmark the CRF parameter search (crf.search) over worker processes.
+"""Benchmark the CRF parameter search (crf.search): every backend and layout in one run (issue #14).
 
-For 1, 2, 4, ... processes up to ``os.cpu_count()`` it runs the same small search (a few configurations of
-the paper's grid x a few images, one round, no refinement) and prints throughput ((configuration, image)
-pairs per second), the wall time per CRF (wall / pairs), the mean time of one CRF inside a worker, and the
-speed-up over one process. It also checks that every process count gives identical confusion matrices.
+It runs the same small search (a few configurations of the paper's grid x a few images, one round, no
+refinement) for every layout -- pydensecrf on every core (the reference), torch as one single-threaded
+process per core (the default of ``backend: auto``), torch as one process of every core's threads, and
+one single-threaded process of each -- and prints (configuration, image) pairs per second, the ratio to
+pydensecrf on every core, whether the confusion matrices are identical to pydensecrf's, the load average
+before and after (the machine may be shared: compare the rows of one run), and the paper's protocol (100
+images x (96 coarse + 26 refinement)) projected at the measured rates, exhaustive and with successive
+halving.
 
 Images: real PASCAL VOC 2012 val images with ``--voc-root`` (DIAGNOSTIC probabilities made from their ground
 truth by ``deeplab_v1.data.degraded.degraded_probs``, the same kind of coarse scores a DCNN gives);
 otherwise synthetic 500 x 375 images with 21 labels (smooth shapes, mild noise). Sizes are full
 resolution: one CRF is the paper's unit of work (10 mean-field iterations, 21 labels).
 
-    python tools/bench_crf_search.py                      # synthetic, 4 configurations x 4 images
-    python tools/bench_crf_search.py --voc-root VOC2012 --images 8 --configs 6
+    python tools/bench_crf_search.py                      # synthetic, 8 configurations x 4 images
+    python tools/bench_crf_search.py --voc-root /data/VOCdevkit/VOC2012 --images 4 --configs 8
 """
 
 from __future__ import annotations
@@ -83,18 +87,63 @@ def pick_configs(n: int) -> SearchConfig:
     return SearchConfig(w1=[5.0, 10.0], sigma_alpha=[50.0, 100.0], sigma_beta=sb, rounds=0)
 
 
+def protocol_runs(images: int = 100, coarse: int = 96, refine: int = 26) -> dict[str, int]:
+    """(configuration, image) CRF runs of the paper's protocol (Sec. 5: 100 images, the 96-configuration
+    coarse grid, one refinement round of 26 new configurations): exhaustive, and with successive halving
+    (eta 3: each round on ceil(100 / 9) = 12 images, the best third on 36, the best third of those on 100)."""
+    halving = SearchConfig(strategy="halving")
+    schedule = halving.halving_schedule(images)
+
+    from crf import CRFParams
+    from crf.search.run import halving_cut
+
+    def halved(configs: list) -> int:
+        # the cut keeps whole lattice groups; which ones does not change the count when groups are equal
+        runs, done, alive = 0, 0, configs
+        for n in schedule:
+            runs += len(alive) * (n - done)
+            done = n
+            if n < images:
+                rank = {id(p): i for i, p in enumerate(alive)}
+                alive = halving_cut(alive, lambda p: {"objective": -rank[id(p)], "images": n,
+                                                      "params": p.to_dict()}, halving.eta)
+        return runs
+
+    coarse_grid = halving.coarse_grid()[:coarse]
+    best = coarse_grid[0]
+    refinement = [p for p in halving.refine(best, 1) if p not in coarse_grid][:refine]
+    return {"grid": (coarse + refine) * images, "halving": halved(coarse_grid) + halved(refinement)}
+
+
+def layouts(cores: int) -> list[tuple[str, str, int, int]]:
+    """(name, backend, processes, threads per process) of every layout measured: pydensecrf on every core
+    (the reference), torch as one single-threaded process per core (the default), torch as one process
+    with every core's threads, and both backends in one single-threaded process."""
+    rows = [("pydensecrf, 1 process per core", "pydensecrf", cores, 1),
+            ("torch, 1 process per core x 1 thread (default)", "torch", cores, 1),
+            (f"torch, 1 process x {cores} threads (in-process, images batched)", "torch", 1, cores),
+            ("torch, 1 process x 1 thread (in-process, images batched)", "torch", 1, 1),
+            ("pydensecrf, 1 process", "pydensecrf", 1, 1)]
+    return rows if cores > 1 else rows[1:4:2] + rows[:1]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--voc-root", type=Path, help="VOC2012 folder (JPEGImages, SegmentationClass, ImageSets)")
     ap.add_argument("--images", type=int, default=4, help="images (default 4)")
-    ap.add_argument("--configs", type=int, default=4, help="configurations (default 4; above 2 rounded up to a multiple of 4)")
-    ap.add_argument("--max-procs", type=int, default=os.cpu_count() or 1, help="largest process count")
-    ap.add_argument("--backend", default="pydensecrf", choices=["pydensecrf", "torch"])
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--configs", type=int, default=8, help="configurations (default 8; above 2 rounded up to a multiple of 4)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="processes of the 'every core' layouts")
+    ap.add_argument("--skip-single", action="store_true", help="leave out the two single-thread in-process rows")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="passes over the layouts, alternating their order; each layout's best pass is shown")
     args = ap.parse_args()
+    import torch
 
     base = pick_configs(args.configs)
-    counts = sorted({p for p in (1, 2, 4, 8, 16, 32, 64) if p <= args.max_procs} | {args.max_procs})
+    rows = layouts(args.cores)
+    if args.skip_single:
+        rows = [r for r in rows if not (r[2] == 1 and r[3] == 1)]
+    load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_crf_search_") as tmp:
         tmp = Path(tmp)
         files = make_search_inputs(tmp, args.images, args.voc_root)
@@ -104,29 +153,53 @@ def main() -> int:
         source = f"VOC val ({args.voc_root})" if args.voc_root else "synthetic"
         print(f"# crf.search benchmark: {len(base.coarse_grid())} configurations x {len(files)} images = {pairs} CRFs, "
               f"{source}, first image {w}x{h}, {NUM_CLASSES} labels, {base.iterations} mean-field iterations, "
-              f"backend {args.backend}, {os.cpu_count()} CPUs")
+              f"{os.cpu_count()} CPUs; load average at the start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
         print()
-        print("| processes | pairs / s | wall ms per CRF | mean ms of one CRF in a worker | speed-up vs 1 |")
-        print("|---:|---:|---:|---:|---:|")
-        first, ref = None, None
-        for p in counts:
-            cfg = SearchConfig(**{**base.__dict__, "workers": p, "backend": args.backend, "device": args.device})
-            out = tmp / f"run_{p}"
-            t0 = time.perf_counter()
-            run_search(files, out, cfg, progress=False)
-            wall = time.perf_counter() - t0
+        print("| layout | configs x images / s | ratio to pydensecrf on every core | identical confusions |")
+        print("|---|---:|---:|---|")
+        ref, rates, same_as_ref = None, {}, {}
+        threads0 = torch.get_num_threads()
+        passes = [row for r in range(args.repeats) for row in (rows if r % 2 == 0 else rows[::-1])]
+        for index, (name, backend, procs, threads) in enumerate(passes):
+            cfg = SearchConfig(**{**base.__dict__, "workers": procs, "backend": backend})
+            out = tmp / f"run_{index}_{backend}_{procs}_{threads}"
+            torch.set_num_threads(threads)
+            try:
+                t0 = time.perf_counter()
+                run_search(files, out, cfg, progress=False)
+                wall = time.perf_counter() - t0
+            finally:
+                torch.set_num_threads(threads0)
             recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-            crf_s = sum(r["seconds"] for r in recs) / pairs
             conf = {json.dumps(r["params"], sort_keys=True): r["confusion"] for r in recs}
-            if ref is None:
-                ref = conf
-            same = "" if conf == ref else "  (CONFUSION MATRICES DIFFER FROM 1 PROCESS)"
-            first = first or wall
-            print(f"| {p} | {pairs / wall:.2f} | {1000 * wall / pairs:.0f} | {1000 * crf_s:.0f} | "
-                  f"{first / wall:.2f}{same} |", flush=True)
+            ref = ref if ref is not None else conf  # the first row: pydensecrf on every core
+            rates[name] = max(rates.get(name, 0.0), pairs / wall)
+            same = "yes" if conf == ref else "NO: " + str(sum(conf[k] != ref[k] for k in ref)) + " differ"
+            same_as_ref[name] = same if same_as_ref.get(name, "yes") == "yes" else same_as_ref[name]
+            print(f"  pass {index + 1}/{len(passes)}: {name}: {pairs / wall:.2f} pairs/s", file=sys.stderr, flush=True)
+        ref_rate = rates[rows[0][0]]
+        for name, *_ in rows:
+            print(f"| {name} | {rates[name]:.2f} | {rates[name] / ref_rate:.2f}x | {same_as_ref[name]} |")
+        load1 = os.getloadavg()
         print()
-        print("wall time includes starting the worker processes (spawn) and loading the search input files once per "
-              "worker")
+        print(f"load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} (wall times include starting "
+              "the workers and reading the inputs once per worker)")
+        runs = protocol_runs()
+        best = max(rates, key=rates.get)
+        print()
+        print(f"## The paper's protocol projected (100 images x (96 coarse + 26 refinement) = {runs['grid']} CRF runs; "
+              f"successive halving {runs['halving']} = {100 * runs['halving'] / runs['grid']:.0f} %), at this "
+              f"benchmark's rates on {w}x{h} images")
+        print()
+        print("| layout | exhaustive | halving |")
+        print("|---|---:|---:|")
+        for name in (rows[0][0], best):
+            r = rates[name]
+            print(f"| {name} | {runs['grid'] / r / 60:.1f} min | {runs['halving'] / r / 60:.1f} min |")
+        r = rates[best]
+        print(f"\nfastest layout: {best}; exhaustive {rates[best] / ref_rate:.2f}x and halving "
+              f"{rates[best] / ref_rate * runs['grid'] / runs['halving']:.2f}x faster than pydensecrf on every core "
+              "(exhaustive)")
     return 0
 
 

@@ -30,9 +30,20 @@ yields an integer confusion matrix (``crf.confusion``, the same functions the ev
 the matrices are summed per configuration (all_reduce SUM of int64 tensors across ranks), so 1 process,
 N workers and N ranks give IDENTICAL matrices and tables.
 
+Strategies (``SearchConfig.strategy``): ``grid`` (the paper's: every configuration of a round on every
+image) or ``halving``: successive halving over the images (each round's configurations on
+``min_images`` images, the best ``1/eta`` on ``eta`` times as many, ..., the finalists on all of them,
+with the same summed-confusion objective, whole lattice groups kept by each cut; about 28 % of the
+grid's CRF runs for the paper's protocol).
+Backend ``auto`` (the default) runs the torch backend where the largest image fits ``memory_mb``
+(``crf.backend_choice``), as one single-threaded worker process per core; on CUDA the search runs in the
+calling process, images x configurations batched.
+
 Resumability: ``results.jsonl`` in the output folder gets one JSON line per finished configuration,
-flushed and fsync'ed at once. Every line carries the search key: the hash of the image subset (sorted
-image ids), the objective name, the backend and the fixed parameters (w2, sigma_gamma, iterations).
+flushed and fsync'ed at once (under halving, one line per configuration and rung: ``images`` it was
+scored on, ``crf_runs``, ``history``). Every line carries the search key: the hash of the image subset
+(sorted image ids), the objective name, the backend that ran and the fixed parameters (w2, sigma_gamma,
+iterations).
 On restart, configurations already in the file under the same key are not redone; a torn line (a
 partial write from a kill) is ignored with a warning and cut off; lines under another key (another
 image subset, objective or backend) are SKIPPED with a warning, kept in the file for the record, and
@@ -40,7 +51,8 @@ never mixed into the ranking. Rank 0 alone reads and writes the file and broadca
 
 Outputs (all written atomically, by rank 0): ``ranked.md`` (all configurations of this search, best
 first), ``heatmap.png`` (one panel per w1 of the coarse grid: objective over sigma_alpha x sigma_beta),
-``best.json`` (``CRFParams.to_dict()`` of the best configuration plus its scores).
+``best.json`` (``CRFParams.to_dict()`` of the best configuration plus its scores, the backend, the
+strategy and ``crf_runs``).
 
 Modules: ``config`` (the grid and the refinement), ``store`` (``results.jsonl``), ``evaluate`` (the CRF on
 the files, in workers), ``dist`` (the ranks), ``report`` (ranking and the output files), ``run``

@@ -12,10 +12,14 @@ import numpy as np
 from ..inputs import check_backend
 from ..params import CRFParams
 from ..pool import resolve_workers
+from ..errors import CRFInputError
 
-__all__ = ["OBJECTIVES", "DECIMALS", "SearchConfig", "param_key"]
+__all__ = ["OBJECTIVES", "STRATEGIES", "DECIMALS", "SearchConfig", "param_key"]
 
 OBJECTIVES = ("miou", "trimap_miou")
+#: ``grid``: every configuration of a round on every image (the paper's); ``halving``: successive halving
+#: (Jamieson & Talwalkar 2016) over the images, see :meth:`SearchConfig.halving_schedule`.
+STRATEGIES = ("grid", "halving")
 #: Decimal places kept for grid values (refinement steps such as 2.5 or 0.25 stay exact and the same
 #: value always gives the same key, whatever float noise the arithmetic left).
 DECIMALS = 6
@@ -27,13 +31,13 @@ def _floats(name: str, values: Any, minimum: float, strict: bool) -> list[float]
     try:
         out = sorted({round(float(v), DECIMALS) for v in values})
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"SearchConfig.{name} must be a list of numbers, got {values!r}") from exc
+        raise CRFInputError(f"SearchConfig.{name} must be a list of numbers, got {values!r}") from exc
     if not out:
-        raise ValueError(f"SearchConfig.{name} must not be empty")
+        raise CRFInputError(f"SearchConfig.{name} must not be empty")
     bad = [v for v in out if not math.isfinite(v) or v < minimum or (strict and v == minimum)]
     if bad:
         sign = ">" if strict else ">="
-        raise ValueError(f"SearchConfig.{name} values must be finite and {sign} {minimum}, got {bad}")
+        raise CRFInputError(f"SearchConfig.{name} values must be finite and {sign} {minimum}, got {bad}")
     return out
 
 
@@ -58,15 +62,31 @@ class SearchConfig:
             for studying the search itself; the search input files then only name the subset and are not read).
         trimap_width: band width w in pixels for ``"trimap_miou"`` (the band is
             ``dilate(label == 255, (2w+1) x (2w+1)) AND label != 255``).
-        backend, device: CRF backend (``"pydensecrf"`` or ``"torch"``) and device (``"cpu"``/``"cuda"``).
-        workers: worker processes per rank; ``None`` -> CPU cores / local ranks; 1 -> in-process.
+        backend: ``"auto"`` (default: the torch backend when it is installed and the largest image fits
+            ``memory_mb``, else pydensecrf; ``crf.backend_choice``; the choice is recorded in
+            ``results.jsonl`` and ``best.json``), ``"pydensecrf"`` (the reference) or ``"torch"``.
+        device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (torch). On CUDA the search runs in this process
+            (no CPU pool), images x configurations batched within ``memory_mb``.
+        memory_mb: the torch backend's budget per process, MiB (``None``: half the memory shared among
+            the workers, at most 4096; on CUDA half the free device memory).
+        workers: worker processes per rank; ``None`` -> CPU cores / local ranks (one thread each, for
+            pydensecrf and torch alike); 1 -> in-process (torch: images batched through one lattice).
+        strategy: ``"grid"`` (every configuration of a round on every image, the paper's) or
+            ``"halving"``: successive halving over the images (:meth:`halving_schedule`): each round's
+            configurations are scored on ``min_images`` images, the best ``1/eta`` of them on ``eta`` times
+            as many, and so on until the finalists are scored on all images with the same summed-confusion
+            objective; the best finalist wins (and centres the next refinement round). The cut keeps
+            whole lattice groups (every w1 of a (sigma_alpha, sigma_beta); ``crf.search.run.halving_cut``).
+        eta: the halving factor (an integer >= 2): keep ``ceil(groups / eta)`` lattice groups per rung.
+        min_images: images of the first rung (``None``: ``ceil(images / eta**2)``, three rungs).
+        halving_seed: the order in which the images join the rungs (a permutation of the sorted ids).
         cache_mb: per-process memory for cached search input files in MiB; ``None`` -> half the physical memory
             divided among the worker processes of the machine.
         label: a note on where the probabilities come from, written into ``ranked.md``, the heatmap title
             and ``best.json`` (e.g. that they are DIAGNOSTIC scores rather than a network's).
 
     Raises:
-        ValueError: an empty or non-numeric list, a negative weight, a non-positive sigma, ``rounds`` < 0,
+        CRFInputError (a ValueError): an empty or non-numeric list, a negative weight, a non-positive sigma, ``rounds`` < 0,
             ``shrink`` outside (0, 1), an unknown objective/backend/device, or bad ``workers``; the
             message names the field and the value.
     """
@@ -82,11 +102,16 @@ class SearchConfig:
     shrink: float = 0.5
     objective: Union[str, Callable[[CRFParams], float]] = "miou"
     trimap_width: int = 5
-    backend: str = "pydensecrf"
+    backend: str = "auto"
     device: str = "cpu"
     workers: int | None = None
     label: str = ""
     cache_mb: float | None = None
+    memory_mb: float | None = None
+    strategy: str = "grid"
+    eta: int = 3
+    min_images: int | None = None
+    halving_seed: int = 0
 
     def __post_init__(self) -> None:
         self.w1 = _floats("w1", self.w1, 0.0, strict=False)
@@ -96,30 +121,42 @@ class SearchConfig:
         CRFParams(self.w1[0], self.sigma_alpha[0], self.sigma_beta[0], self.w2, self.sigma_gamma, self.iterations)
         self.w2, self.sigma_gamma = float(self.w2), float(self.sigma_gamma)
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"SearchConfig.rounds must be an integer >= 0, got {self.rounds!r}")
+            raise CRFInputError(f"SearchConfig.rounds must be an integer >= 0, got {self.rounds!r}")
         if isinstance(self.shrink, bool) or not isinstance(self.shrink, (int, float)) or not 0 < self.shrink < 1:
-            raise ValueError(f"SearchConfig.shrink must be a number in (0, 1), got {self.shrink!r}")
+            raise CRFInputError(f"SearchConfig.shrink must be a number in (0, 1), got {self.shrink!r}")
         if not callable(self.objective) and self.objective not in OBJECTIVES:
-            raise ValueError(f"SearchConfig.objective must be one of {list(OBJECTIVES)} or a callable, "
+            raise CRFInputError(f"SearchConfig.objective must be one of {list(OBJECTIVES)} or a callable, "
                              f"got {self.objective!r}")
         tw = self.trimap_width
         if isinstance(tw, bool) or not isinstance(tw, int) or tw < 1:
-            raise ValueError(f"SearchConfig.trimap_width must be an integer >= 1 (pixels), got {tw!r}")
+            raise CRFInputError(f"SearchConfig.trimap_width must be an integer >= 1 (pixels), got {tw!r}")
         check_backend(self.backend, self.device)
         if self.workers is not None:
             resolve_workers(self.workers)
         if self.cache_mb is not None and not (isinstance(self.cache_mb, (int, float)) and self.cache_mb >= 0):
-            raise ValueError(f"SearchConfig.cache_mb must be None or a number >= 0 (MiB), got {self.cache_mb!r}")
+            raise CRFInputError(f"SearchConfig.cache_mb must be None or a number >= 0 (MiB), got {self.cache_mb!r}")
+        mm = self.memory_mb
+        if mm is not None and (isinstance(mm, bool) or not isinstance(mm, (int, float)) or not mm > 0):
+            raise CRFInputError(f"SearchConfig.memory_mb must be None or a number > 0 (MiB), got {mm!r}")
+        if self.strategy not in STRATEGIES:
+            raise CRFInputError(f"SearchConfig.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
+            raise CRFInputError(f"SearchConfig.eta must be an integer >= 2, got {self.eta!r}")
+        mi = self.min_images
+        if mi is not None and (isinstance(mi, bool) or not isinstance(mi, int) or mi < 1):
+            raise CRFInputError(f"SearchConfig.min_images must be None or an integer >= 1, got {mi!r}")
+        if isinstance(self.halving_seed, bool) or not isinstance(self.halving_seed, int):
+            raise CRFInputError(f"SearchConfig.halving_seed must be an integer, got {self.halving_seed!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchConfig":
         """Build from a plain dict (a YAML mapping); unknown keys raise ValueError naming them."""
         if not isinstance(values, dict):
-            raise ValueError(f"search config must be a mapping, got {type(values).__name__}")
+            raise CRFInputError(f"search config must be a mapping, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown search config key(s) {unknown}; expected a subset of {sorted(known)}")
+            raise CRFInputError(f"unknown search config key(s) {unknown}; expected a subset of {sorted(known)}")
         return cls(**values)
 
     @property
@@ -131,6 +168,24 @@ class SearchConfig:
         if self.objective == "trimap_miou":
             return f"trimap_miou(width={self.trimap_width})"
         return "miou"
+
+    def halving_schedule(self, images: int) -> list[int]:
+        """Images per rung of successive halving for a subset of ``images``: ``min_images`` (default
+        ``ceil(images / eta**2)``), times ``eta`` per rung, the last rung all ``images`` (increasing; one
+        rung when the first already covers them). The grid strategy is the single rung ``[images]``.
+
+        Example: 100 images, eta 3 -> [12, 36, 100]; the 96 configurations (48 sigma pairs x 2 w1) are
+        scored on 12 images, the best 16 pairs (32 configurations) on 36, the best 6 pairs on all 100:
+        2688 CRF runs instead of 9600 (28 %)."""
+        if self.strategy == "grid":
+            return [images]
+        first = self.min_images if self.min_images is not None else math.ceil(images / self.eta**2)
+        rungs = []
+        n = max(1, first)
+        while n < images:
+            rungs.append(n)
+            n *= self.eta
+        return rungs + [images]
 
     def params(self, w1: float, sigma_alpha: float, sigma_beta: float) -> CRFParams:
         """A configuration with this search's fixed w2, sigma_gamma and iterations."""
@@ -158,7 +213,7 @@ class SearchConfig:
         itself included; the caller drops the ones already evaluated).
         """
         if round_index < 1:
-            raise ValueError(f"refinement rounds start at 1, got {round_index}")
+            raise CRFInputError(f"refinement rounds start at 1, got {round_index}")
         steps = self.steps()
         axes = []
         for name, strict in (("w1", False), ("sigma_alpha", True), ("sigma_beta", True)):

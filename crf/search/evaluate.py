@@ -23,7 +23,7 @@ from ..dense import dense_crf_pydensecrf
 from ..input_files import load_search_input
 from ..inputs import check_inputs
 from ..params import CRFParams
-from ..pool import InlineExecutor, make_executor
+from ..pool import InlineExecutor, make_executor, worker_threads
 from ..trimap import trimap_band
 from .config import SearchConfig, param_key
 from .dist import Distributed
@@ -31,7 +31,7 @@ from .store import append_records, finite_or_none
 from ..errors import CRFTaskError
 
 __all__ = ["set_cache_budget", "clear_cache", "cached_search_input", "evaluate_task", "lattice_groups",
-           "default_budget", "Evaluator"]
+           "default_budget", "image_order", "Evaluator"]
 
 # ---------------------------------------------------------------------------------------------------
 # worker side: cached search input files, one (group of configurations, image) task
@@ -91,44 +91,74 @@ def cached_search_input(path: str, num_classes: int, band_width: int | None) -> 
     return entry
 
 
-def evaluate_task(path: str, configs: tuple[CRFParams, ...], num_classes: int, band_width: int | None,
-                  backend: str, device: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """CRF of one image under every configuration of a group (sharing sigma_alpha, sigma_beta, sigma_gamma).
+def evaluate_task(paths: str | tuple[str, ...], configs: tuple[CRFParams, ...], num_classes: int,
+                  band_width: int | None, backend: str, device: str,
+                  memory_mb: float | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """CRF of one or more images under every configuration of a group (sharing sigma_alpha, sigma_beta,
+    sigma_gamma), their confusion matrices summed over the images.
+
+    Several images run through the torch backend in one call (``dense_crf_torch_grid_batch``: their
+    lattices as segments of one lattice, the group's configurations as channels); pydensecrf runs one
+    configuration of one image at a time. The sums are integers, so how the images are split among tasks
+    never changes a result.
+
+    Args:
+        paths: search input files (one path, or a tuple of them).
+        configs: K configurations sharing one bilateral lattice.
+        num_classes: C. band_width: the trimap band's width for ``trimap_miou`` (None: no band matrix).
+        backend: ``"pydensecrf"`` or ``"torch"`` (already resolved). device: the torch device.
+        memory_mb: the torch backend's working-memory bound (None: its default).
 
     Returns:
         (K, C, C) int64 confusion over labelled pixels, (K, C, C) int64 over the band pixels (or None),
-        (K,) float64 CRF seconds.
+        (K,) float64 CRF seconds summed over the images.
+
+    Raises:
+        CRFTaskError: a file is bad or the CRF failed (the files named).
     """
+    paths = (paths,) if isinstance(paths, str) else tuple(paths)
     try:
-        s = cached_search_input(path, num_classes, band_width)
+        samples = [cached_search_input(path, num_classes, band_width) for path in paths]
         k = len(configs)
         conf = np.zeros((k, num_classes, num_classes), np.int64)
         conf_band = np.zeros_like(conf) if band_width is not None else None
         secs = np.zeros(k, np.float64)
         if backend == "torch":
-            from ..torch_backend import dense_crf_torch_grid
+            from ..torch_backend import DEFAULT_MEMORY_MB, dense_crf_torch_grid_batch
 
             t0 = time.perf_counter()
-            labels = dense_crf_torch_grid(s["image"], s["probs"], list(configs), device=device, labels_only=True)
+            labels = dense_crf_torch_grid_batch([s["image"] for s in samples], [s["probs"] for s in samples],
+                                                list(configs), device=device, checked=True,
+                                                memory_mb=memory_mb or DEFAULT_MEMORY_MB)
             secs[:] = (time.perf_counter() - t0) / k
-            preds = list(labels)
+            preds = [list(lab) for lab in labels]
         else:
             preds = []
-            for i, p in enumerate(configs):
-                t0 = time.perf_counter()
-                preds.append(dense_crf_pydensecrf(s["image"], s["probs"], p).argmax(0))
-                secs[i] = time.perf_counter() - t0
-        for i, pred in enumerate(preds):
-            conf[i] = confusion(s["label"], pred, num_classes)
-            if conf_band is not None:
-                conf_band[i] = confusion(s["label"], pred, num_classes, mask=s["band"])
+            for s in samples:
+                preds.append([])
+                for i, p in enumerate(configs):
+                    t0 = time.perf_counter()
+                    preds[-1].append(dense_crf_pydensecrf(s["image"], s["probs"], p).argmax(0))
+                    secs[i] += time.perf_counter() - t0
+        for s, image_preds in zip(samples, preds):
+            for i, pred in enumerate(image_preds):
+                conf[i] += confusion(s["label"], pred, num_classes)
+                if conf_band is not None:
+                    conf_band[i] += confusion(s["label"], pred, num_classes, mask=s["band"])
         return conf, conf_band, secs
     except Exception as exc:
-        raise CRFTaskError(f"CRF search task on search input file {path} failed: {exc}") from exc
+        names = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)"
+        raise CRFTaskError(f"CRF search task on search input file {names} failed: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------
 # the evaluator
+
+
+#: Lattice groups per batch of the search (the unit of all_reduce and of appending lines to results.jsonl):
+#: a task runs one image under several groups, so the image's Gaussian lattice (38 sizes among the first
+#: 100 VOC val images: too many to cache) and unary are built once per batch, not once per group.
+GROUPS_PER_BATCH = 8
 
 
 def lattice_groups(configs: list[CRFParams]) -> list[tuple[CRFParams, ...]]:
@@ -148,8 +178,23 @@ def default_budget(workers_on_machine: int) -> int:
     return int(total // 2 // max(1, workers_on_machine))
 
 
+def image_order(files: list[str], seed: int) -> list[int]:
+    """The order in which the images join successive halving's rungs: indices into ``files``, a seeded
+    permutation of the files sorted by id (stem), so the same subset gives the same order whatever the
+    order of ``files``."""
+    by_id = sorted(range(len(files)), key=lambda i: Path(files[i]).stem)
+    perm = np.random.default_rng(seed).permutation(len(files))
+    return [by_id[int(j)] for j in perm]
+
+
 class Evaluator:
-    """Evaluates lists of configurations on the search input files and appends their lines (rank 0).
+    """Scores configurations on prefixes of the images (in :func:`image_order`) and appends their lines.
+
+    A configuration's record holds its confusion matrices summed over its first ``images`` images; asking
+    for more images computes only the missing ones and adds them (successive halving's rungs, or the grid
+    completing a halving search). Every line carries ``images`` (scored on), ``crf_runs`` (configuration
+    x image runs made for this configuration so far), ``image_order`` (the halving seed of the order) and
+    ``history`` (``[images, objective]`` per rung it reached).
 
     Args:
         files: the search input files (or, for a callable objective, names only).
@@ -159,16 +204,22 @@ class Evaluator:
         records: configuration key -> record; the evaluated configurations are added to it on every rank.
         dist: the ranks (:class:`crf.search.dist.Distributed`).
         progress: a tqdm bar per round (rank 0).
+        backend, device: the backend that runs (resolved from ``backend: auto``) and its device.
     """
 
     def __init__(self, files: list[str], config: SearchConfig, key: dict, results: Path, records: dict,
-                 dist: Distributed, progress: bool) -> None:
+                 dist: Distributed, progress: bool, backend: str = "pydensecrf", device: str = "cpu") -> None:
         self.files, self.config, self.key, self.results, self.records = files, config, key, results, records
         self.dist, self.progress = dist, progress
+        self.backend, self.device = backend, device
+        self.order = image_order(files, config.halving_seed)
         self.computed = 0
+        self.crf_runs = 0
         self.band_width = config.trimap_width if config.objective == "trimap_miou" else None
         self.executor = None
         self.num_classes = 0
+        self.workers = 1
+        self.in_process = False
         if not callable(config.objective):
             with np.load(files[0], allow_pickle=False) as z:
                 if "probs" not in z.files:
@@ -179,15 +230,29 @@ class Evaluator:
             self.num_classes = int(shape[0])
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.world > 1 else 1
             cpus = os.cpu_count() or 1
-            self.workers = config.workers or max(1, cpus // local)
+            # CUDA: this (the GPU-owning) process runs everything, no CPU pool (issue #13 item 6)
+            cuda = backend == "torch" and device.startswith("cuda")
+            self.workers = 1 if cuda else (config.workers or max(1, cpus // local))
+            self.in_process = self.workers == 1
             budget = (int(config.cache_mb * 2**20) if config.cache_mb is not None
                       else default_budget(self.workers * local))
-            if self.workers == 1:
+            if self.in_process:
                 self.executor = InlineExecutor()
                 set_cache_budget(budget)
             else:
-                self.executor = make_executor(self.workers, config.backend, processes_per_machine=local,
+                self.executor = make_executor(self.workers, backend, processes_per_machine=local,
                                               initializer=set_cache_budget, initargs=(budget,))
+
+    @property
+    def layout(self) -> str:
+        """How the CRFs run, for the records: ``"2 processes x 1 thread"``, ``"in-process on cuda"``."""
+        if callable(self.config.objective):
+            return "callable objective"
+        if self.in_process:
+            return f"in-process on {self.device}" + (" (images batched)" if self.backend == "torch" else "")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.dist.world > 1 else 1
+        threads = worker_threads(self.workers, local)
+        return f"{self.workers} processes x {threads} thread{'s' if threads > 1 else ''}"
 
     def close(self) -> None:
         """Stop the workers, or give back the memory of the files cached in this process (workers=1)."""
@@ -196,11 +261,24 @@ class Evaluator:
         elif self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
-    def _record(self, p: CRFParams, round_index: int, objective: float | None, conf: np.ndarray | None,
-                conf_band: np.ndarray | None, seconds: float) -> dict:
+    def scored_images(self, p: CRFParams) -> int:
+        """On how many images (a prefix of the order) ``p`` has a usable record: all of them, or a prefix
+        of this search's order (a partial record of another ``halving_seed`` is not usable: 0)."""
+        rec = self.records.get(param_key(p))
+        if rec is None:
+            return 0
+        images = int(rec.get("images", 0))
+        if images >= len(self.files):
+            return len(self.files)
+        return images if rec.get("image_order") == self.config.halving_seed else 0
+
+    def _record(self, p: CRFParams, round_index: int, images: int, runs: int, objective: float | None,
+                conf: np.ndarray | None, conf_band: np.ndarray | None, seconds: float, history: list) -> dict:
         rec = dict(self.key)
-        rec.update(params=p.to_dict(), round=round_index, images=len(self.files),
-                   objective=finite_or_none(objective), seconds=round(float(seconds), 4))
+        rec.update(params=p.to_dict(), round=round_index, images=images, crf_runs=runs,
+                   image_order=self.config.halving_seed, objective=finite_or_none(objective),
+                   seconds=round(float(seconds), 4), history=history + [[images, finite_or_none(objective)]],
+                   layout=self.layout)
         if conf is not None:
             rec.update(miou=finite_or_none(miou(conf)), pixel_accuracy=finite_or_none(pixel_accuracy(conf)),
                        confusion=conf.tolist())
@@ -211,80 +289,164 @@ class Evaluator:
                        band_pixel_accuracy=finite_or_none(pixel_accuracy(conf_band)), confusion_band=conf_band.tolist())
         return rec
 
-    def _finish(self, recs: list[dict]) -> None:
+    def _finish(self, recs: list[dict], new_runs: int) -> None:
         # every rank keeps the records (the next round's best must be the same everywhere); rank 0 writes
         for rec in recs:
             self.records[param_key(CRFParams.from_dict(rec["params"]))] = rec
         if self.dist.rank == 0:
             append_records(self.results, recs)
         self.computed += len(recs)
+        self.crf_runs += new_runs
 
-    def run(self, configs: list[CRFParams], round_index: int, total: int) -> None:
-        """Evaluate ``configs`` (round ``round_index``, ``total`` configurations in the round with those
-        already done) and record each one."""
+    def run(self, configs: list[CRFParams], round_index: int, total: int, images: int | None = None,
+            desc: str = "") -> None:
+        """Score ``configs`` (round ``round_index``; ``total`` configurations in the round) on the first
+        ``images`` images of the order (default: all), computing only the images each one lacks."""
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=total - len(configs), desc=f"crf search round {round_index}",
-                   unit="config", disable=not self.progress or self.dist.rank != 0, dynamic_ncols=True)
+        target = len(self.files) if images is None else int(images)
+        items = [(p, self.scored_images(p)) for p in configs]
+        items = [(p, start) for p, start in items if start < target]
+        pairs = sum(target - start for _, start in items)
+        bar = tqdm(total=pairs, desc=desc or f"crf search round {round_index}", unit="run",
+                   disable=not self.progress or self.dist.rank != 0 or not items, dynamic_ncols=True)
         try:
             if callable(self.config.objective):
-                for p in configs:
+                for p, start in items:
                     t0 = time.perf_counter()
                     value = float(self.config.objective(p))
-                    self._finish([self._record(p, round_index, value, None, None, time.perf_counter() - t0)])
-                    bar.update()
+                    history = self._history(p, start)
+                    runs = self._old(p, start, "crf_runs", 0) + target - start
+                    self._finish([self._record(p, round_index, target, runs, value, None, None,
+                                               time.perf_counter() - t0, history)], target - start)
+                    bar.update(target - start)
                 return
-            self._run_crf(configs, round_index, bar)
+            self._run_crf(items, target, round_index, bar)
         finally:
             bar.close()
 
-    def _run_crf(self, configs: list[CRFParams], round_index: int, bar) -> None:
-        groups = lattice_groups(configs)
-        n_img = len(self.files)
-        # a batch (the unit of all_reduce and of appending lines) holds whole groups, enough tasks to
-        # keep every worker of every rank busy; all batches are queued at once, so no core idles
-        # between batches while rank 0 waits in all_reduce or writes
-        target = max(1, self.workers * self.dist.world)
-        batches: list[list[tuple[CRFParams, ...]]] = [[]]
-        for g in groups:
-            if batches[-1] and len(batches[-1]) * n_img >= target:
-                batches.append([])
-            batches[-1].append(g)
-        cfg = self.config
-        parallel = not isinstance(self.executor, InlineExecutor)
+    def _old(self, p: CRFParams, start: int, field: str, default):
+        rec = self.records.get(param_key(p))
+        return rec.get(field, default) if (rec is not None and start > 0) else default
 
-        def submit(batch_index: int) -> list[tuple[int, Future]]:
+    def _history(self, p: CRFParams, start: int) -> list:
+        return [list(h) for h in self._old(p, start, "history", [])]
+
+    def _run_crf(self, items: list[tuple[CRFParams, int]], target: int, round_index: int, bar) -> None:
+        # groups: configurations sharing a lattice AND the images they lack (successive halving's survivors
+        # of one rung all lack the same images)
+        by_group: dict[tuple, list[CRFParams]] = {}
+        for p, start in items:
+            by_group.setdefault((p.sigma_alpha, p.sigma_beta, p.sigma_gamma, start), []).append(p)
+        groups = [(tuple(ps), key[3]) for key, ps in by_group.items()]
+        # a batch (the unit of all_reduce and of appending lines) holds whole groups: up to
+        # GROUPS_PER_BATCH of them and enough tasks to keep every worker of every rank busy; all batches
+        # are queued at once, so no core idles between batches while rank 0 waits in all_reduce or writes
+        want = max(1, self.workers * self.dist.world)
+        batches: list[list[tuple[tuple[CRFParams, ...], int]]] = [[]]
+        count = 0
+        for g in groups:
+            if len(batches[-1]) >= GROUPS_PER_BATCH and count >= want:
+                batches.append([])
+                count = 0
+            batches[-1].append(g)
+            count += target - g[1]
+        cfg = self.config
+        parallel = not self.in_process
+        budget = None
+        if self.backend == "torch":
+            from ..backend_choice import default_memory_mb
+
+            budget = cfg.memory_mb or default_memory_mb(self.device, self.workers)
+
+        def image_chunks(start: int, configs: int) -> list[tuple[int, ...]]:
+            positions = list(range(start, target))
+            if parallel or self.backend != "torch":
+                return [(j,) for j in positions]
+            # in-process torch: as many images per call as the budget holds (GPU batches; one lattice)
+            from ..backend_choice import torch_memory_mb
+            from ..input_files import array_shape
+
+            chunks: list[tuple[int, ...]] = []
+            current: list[int] = []
+            pixels = 0
+            for j in positions:
+                c, h, w = array_shape(self.files[self.order[j]], "probs")
+                if current and torch_memory_mb(pixels + h * w, c, configs) > budget:
+                    chunks.append(tuple(current))
+                    current, pixels = [], 0
+                current.append(j)
+                pixels += h * w
+            if current:
+                chunks.append(tuple(current))
+            return chunks
+
+        def tasks_of(batch: list[tuple[tuple[CRFParams, ...], int]]) -> list[tuple[list[int], tuple[int, ...]]]:
+            """(configuration indices in the batch, image positions): one image's CRFs for several lattice
+            groups per task, so a worker builds the image's Gaussian lattice and unary once for all of
+            them (consecutive groups lacking the same images; enough tasks for every worker)."""
+            offsets = np.cumsum([0] + [len(g[0]) for g in batch])
+            pairs = sum(len(g[0]) * (target - g[1]) for g in batch)
+            per_task = max(1, min(len(batch), len(batch) * pairs // max(1, 2 * want * sum(len(g[0]) for g in batch))))
+            chunks: list[list[int]] = []
+            for gi, (_, start) in enumerate(batch):
+                if chunks and len(chunks[-1]) < per_task and batch[chunks[-1][0]][1] == start:
+                    chunks[-1].append(gi)
+                else:
+                    chunks.append([gi])
+            tasks = []
+            for chunk in chunks:
+                indices = [int(i) for gi in chunk for i in range(offsets[gi], offsets[gi + 1])]
+                tasks += [(indices, images) for images in image_chunks(batch[chunk[0]][1], len(batch[chunk[0]][0]))]
+            # image-major: the tasks of one image follow each other (its file is cached once per worker)
+            return sorted(tasks, key=lambda t: (t[1], t[0]))
+
+        def submit(batch_index: int) -> list[tuple[list[int], int, Future]]:
+            batch = batches[batch_index]
+            flat = [p for g in batch for p in g[0]]
             out = []
-            tasks = [(gi, fi) for gi in range(len(batches[batch_index])) for fi in range(n_img)]
-            for t, (gi, fi) in enumerate(tasks):
+            for t, (indices, chunk) in enumerate(tasks_of(batch)):
                 if t % self.dist.world == self.dist.rank:
-                    out.append((gi, self.executor.submit(evaluate_task, self.files[fi], batches[batch_index][gi],
-                                                         self.num_classes, self.band_width, cfg.backend, cfg.device)))
+                    paths = tuple(self.files[self.order[j]] for j in chunk)
+                    out.append((indices, len(chunk), self.executor.submit(
+                        evaluate_task, paths, tuple(flat[i] for i in indices), self.num_classes, self.band_width,
+                        self.backend, self.device, budget)))
             return out
 
         pending = [submit(b) for b in range(len(batches))] if parallel else None
         c = self.num_classes
         for b, batch in enumerate(batches):
             futures = pending[b] if parallel else submit(b)
-            offsets = np.cumsum([0] + [len(g) for g in batch])
-            conf = np.zeros((offsets[-1], c, c), np.int64)
+            size = sum(len(g[0]) for g in batch)
+            conf = np.zeros((size, c, c), np.int64)
             conf_band = np.zeros_like(conf)
-            secs = np.zeros(offsets[-1], np.float64)
-            for gi, fut in futures:
+            secs = np.zeros(size, np.float64)
+            for indices, n_images, fut in futures:
                 cf, cb, sc = fut.result()
-                sl = slice(offsets[gi], offsets[gi + 1])
-                conf[sl] += cf
+                conf[indices] += cf
                 if cb is not None:
-                    conf_band[sl] += cb
-                secs[sl] += sc
+                    conf_band[indices] += cb
+                secs[indices] += sc
+                bar.update(n_images * len(indices))
             conf = self.dist.sum(conf)
             secs = self.dist.sum(secs)
             if self.band_width is not None:
                 conf_band = self.dist.sum(conf_band)
             recs = []
-            for i, p in enumerate(p for g in batch for p in g):
-                band = conf_band[i] if self.band_width is not None else None
-                value = miou(band) if band is not None else miou(conf[i])
-                recs.append(self._record(p, round_index, value, conf[i], band, secs[i]))
-            self._finish(recs)
-            bar.update(len(recs))
+            new_runs = 0
+            i = 0
+            for configs, start in batch:
+                for p in configs:
+                    old = self.records.get(param_key(p)) if start > 0 else None
+                    full = conf[i] + (np.asarray(old["confusion"], np.int64) if old else 0)
+                    band = None
+                    if self.band_width is not None:
+                        band = conf_band[i] + (np.asarray(old["confusion_band"], np.int64) if old else 0)
+                    value = miou(band) if band is not None else miou(full)
+                    runs = (int(old.get("crf_runs", old.get("images", 0))) if old else 0) + target - start
+                    seconds = secs[i] + (float(old.get("seconds") or 0.0) if old else 0.0)
+                    recs.append(self._record(p, round_index, target, runs, value, full, band, seconds,
+                                             self._history(p, start)))
+                    new_runs += target - start
+                    i += 1
+            self._finish(recs, new_runs)

@@ -4,20 +4,24 @@ text and the files."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..params import CRFParams
 from .config import SearchConfig, param_key
 from .dist import Distributed
 from .evaluate import Evaluator
-from .report import best_of, ranked_rows, write_outputs
+from ..backend_choice import BackendChoice, resolve_backend
+from ..input_files import array_shape
+from .report import best_of, rank_key, ranked_rows, write_outputs
 from .store import RESULTS_FILE, cut_torn_tail, read_results, search_key, subset_hash
+from ..errors import CRFInputError
 
-__all__ = ["SearchResult", "run_search"]
+__all__ = ["SearchResult", "halving_cut", "run_search"]
 
 
 @dataclass
@@ -28,8 +32,11 @@ class SearchResult:
     this search (coarse and refinement rounds), best first, as dicts with rank, w1, sigma_alpha,
     sigma_beta, w2, sigma_gamma, iterations, objective, miou, pixel_accuracy (fractions, None where not
     measured), round and seconds (CRF seconds summed over the images); ``images``: the subset size;
-    ``computed``: configurations evaluated by this call (the others came from ``results.jsonl``);
-    ``seconds``: wall time; ``out_dir``: the search folder.
+    ``computed``: record lines written by this call (a configuration extended to more images counts once
+    per rung; the others came from ``results.jsonl``); ``seconds``: wall time; ``out_dir``: the search
+    folder; ``crf_runs``: (configuration, image) CRF runs made by this call; ``crf_runs_total``: those of
+    the whole search (from the records); ``strategy``; ``backend``: the backend that ran (``auto``
+    resolved) and ``backend_reason``.
     """
 
     best: CRFParams
@@ -39,6 +46,42 @@ class SearchResult:
     computed: int
     seconds: float
     out_dir: Path
+    crf_runs: int = 0
+    crf_runs_total: int = 0
+    strategy: str = "grid"
+    backend: str = ""
+    backend_reason: str = ""
+
+
+def _at(rec: dict, images: int) -> dict:
+    """``rec`` as it was ranked on its first ``images`` images: the objective from its ``history`` (the
+    rung of ``images``, or the nearest one measured above it), for the halving's cut."""
+    history = [h for h in rec.get("history", []) if h[0] >= images]
+    if not history or int(rec.get("images", 0)) == images:
+        return rec
+    return {**rec, "images": images, "objective": min(history, key=lambda h: h[0])[1]}
+
+
+def halving_cut(alive: Sequence[CRFParams], scored: Callable[[CRFParams], dict], eta: int) -> list[CRFParams]:
+    """Successive halving's cut after a rung: the best ``ceil(groups / eta)`` lattice groups go on.
+
+    A lattice group is the configurations sharing (sigma_alpha, sigma_beta, sigma_gamma) -- in the paper's
+    grid the w1 values of one sigma pair -- ranked by its best member (``rank_key`` of ``scored(p)``, the
+    record as of this rung). Whole groups go on because their members share one bilateral lattice (the
+    torch backend filters them as extra channels of one pass) and because the w1 values of the best
+    sigma pair differ least: on VOC images the cut of single configurations dropped the grid's best w1
+    on few images (``tools/halving_study.py``); the choice among them is left to the images of the later
+    rungs. Deterministic: the same records give the same survivors on every rank and worker count.
+
+    Returns:
+        The survivors, in the order of ``alive``.
+    """
+    groups: dict[tuple, list[CRFParams]] = {}
+    for p in alive:
+        groups.setdefault((p.sigma_alpha, p.sigma_beta, p.sigma_gamma), []).append(p)
+    best = {g: min(rank_key(scored(p)) for p in members) for g, members in groups.items()}
+    keep = set(sorted(groups, key=lambda g: best[g])[: max(1, math.ceil(len(groups) / eta))])
+    return [p for p in alive if (p.sigma_alpha, p.sigma_beta, p.sigma_gamma) in keep]
 
 
 def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config: SearchConfig, *,
@@ -59,29 +102,35 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
         A :class:`SearchResult` (best configuration, its objective, all rows best first).
 
     Raises:
-        ValueError: no input files, duplicated ids, a missing file (named), or ranks with different subsets.
+        CRFInputError (a ValueError): no input files, duplicated ids, a missing file (named), or ranks with different subsets.
         CRFTaskError (a RuntimeError): a CRF task failed, e.g. on a file with a missing key or a bad array (file and key
             named).
     """
     if not isinstance(config, SearchConfig):
-        raise ValueError(f"config must be a crf.search.SearchConfig, got {type(config).__name__}")
+        raise CRFInputError(f"config must be a crf.search.SearchConfig, got {type(config).__name__}")
     t0 = time.perf_counter()
     files = [str(Path(f)) for f in input_files]
     if not files:
-        raise ValueError("run_search needs at least one search input file")
+        raise CRFInputError("run_search needs at least one search input file")
     subset = subset_hash(files)
     if not callable(config.objective):
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
-            raise ValueError(f"{len(missing)} sample file(s) do not exist (search input files), e.g. {missing[:3]}")
+            raise CRFInputError(f"{len(missing)} sample file(s) do not exist (search input files), e.g. {missing[:3]}")
     out_dir = Path(out_dir)
-    key = search_key(config, subset)
+    if callable(config.objective):
+        choice = BackendChoice(config.backend, config.device, "callable objective: no CRF runs", 0.0)
+    else:
+        shapes = [array_shape(f, "probs") for f in files]
+        choice = resolve_backend(config.backend, config.device, shapes, memory_mb=config.memory_mb,
+                                 processes=config.workers or (os.cpu_count() or 1), configs=len(config.w1))
+    key = search_key(config, subset, choice.backend)
     results = out_dir / RESULTS_FILE
     dist = Distributed.from_env()
     evaluator = None
     try:
         if dist.world > 1 and dist.broadcast(subset) != subset:
-            raise ValueError(f"rank {dist.rank} has another image subset ({subset}) than rank 0")
+            raise CRFInputError(f"rank {dist.rank} has another image subset ({subset}) than rank 0")
         if dist.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             records, _, torn = read_results(results, key)
@@ -90,18 +139,24 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
         else:
             records = None
         records = dist.broadcast(records)
-        evaluator = Evaluator(files, config, key, results, records, dist, progress)
+        evaluator = Evaluator(files, config, key, results, records, dist, progress, choice.backend, choice.device)
         round_of: dict[tuple, int] = {}
         best = None
+        schedule = config.halving_schedule(len(files))
         for r in range(config.rounds + 1):
             configs = config.coarse_grid() if r == 0 else config.refine(best, r)
             configs = [p for p in configs if param_key(p) not in round_of]
             for p in configs:
                 round_of[param_key(p)] = r
-            todo = [p for p in configs if param_key(p) not in records]
-            if todo:
-                evaluator.run(todo, r, len(configs))
-            best = best_of(records, list(round_of))
+            alive = configs
+            for rung, images in enumerate(schedule):
+                desc = f"crf search round {r}" + (f" rung {rung} ({len(alive)} x {images} images)"
+                                                  if len(schedule) > 1 else "")
+                evaluator.run(alive, r, len(alive), images, desc)
+                if images == len(files):
+                    break
+                alive = halving_cut(alive, lambda p: _at(records[param_key(p)], images), config.eta)
+            best = best_of(records, [k for k in round_of if int(records[k].get("images", 0)) >= len(files)])
     finally:
         if evaluator is not None:
             evaluator.close()
@@ -109,17 +164,26 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
     rows = ranked_rows(records, round_of)
     best_rec = records[param_key(best)]
     seconds = time.perf_counter() - t0
+    total_runs = sum(int(records[k].get("crf_runs", records[k].get("images", 0))) for k in round_of)
     result = SearchResult(best=best, best_objective=best_rec.get("objective"), rows=rows, images=len(files),
-                          computed=evaluator.computed, seconds=seconds, out_dir=out_dir)
+                          computed=evaluator.computed, seconds=seconds, out_dir=out_dir,
+                          crf_runs=evaluator.crf_runs, crf_runs_total=total_runs, strategy=config.strategy,
+                          backend=choice.backend, backend_reason=choice.reason)
     if dist.rank == 0:
-        write_outputs(out_dir, config, key, records, rows, best, len(files))
+        write_outputs(out_dir, config, key, records, rows, best, len(files),
+                      run_info={"strategy": config.strategy, "crf_runs": total_runs,
+                                "crf_runs_grid": len(round_of) * len(files), "backend_requested": config.backend,
+                                "backend_reason": choice.reason, "device": choice.device,
+                                "layout": evaluator.layout,
+                                **({"eta": config.eta, "rungs": schedule} if config.strategy == "halving" else {})})
         if progress:
             from tqdm import tqdm
 
             obj = best_rec.get("objective")
             obj_s = "n/a" if obj is None else (f"{obj:.6g}" if callable(config.objective) else f"{100 * obj:.2f}%")
-            tqdm.write(f"crf search: {len(rows)} configurations ({evaluator.computed} computed, "
-                       f"{len(rows) - evaluator.computed} from {RESULTS_FILE}) x {len(files)} images in "
+            tqdm.write(f"crf search ({config.strategy}, {choice.backend}, {evaluator.layout}): {len(rows)} "
+                       f"configurations, {total_runs} CRF runs of {len(round_of) * len(files)} for the grid "
+                       f"({evaluator.crf_runs} made now) x {len(files)} images in "
                        f"{seconds:.1f} s; best w1={best.w1:g} sigma_alpha={best.sigma_alpha:g} "
                        f"sigma_beta={best.sigma_beta:g}: {key['objective_name']} {obj_s}")
     return result

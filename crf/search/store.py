@@ -14,6 +14,7 @@ from typing import Sequence
 
 from ..params import CRFParams
 from .config import SearchConfig, param_key
+from ..errors import CRFInputError
 
 __all__ = ["RESULTS_FILE", "subset_hash", "search_key", "read_results", "cut_torn_tail", "append_records",
            "finite_or_none"]
@@ -26,19 +27,22 @@ def subset_hash(input_files: Sequence[str | os.PathLike]) -> str:
     search input files).
 
     Raises:
-        ValueError: two files share a stem (the ids would be ambiguous).
+        CRFInputError (a ValueError): two files share a stem (the ids would be ambiguous).
     """
     ids = [Path(f).stem for f in input_files]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ValueError(f"search input files must have distinct names (ids); duplicated: {dup[:10]}")
+        raise CRFInputError(f"search input files must have distinct names (ids); duplicated: {dup[:10]}")
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
-def search_key(config: SearchConfig, subset: str) -> dict:
-    """The key every line of one search carries: the image subset, the objective, the backend and the fixed
-    parameters (w2, sigma_gamma, iterations). Lines under another key belong to another search."""
-    return {"subset_hash": subset, "objective_name": config.objective_name, "backend": config.backend,
+def search_key(config: SearchConfig, subset: str, backend: str | None = None) -> dict:
+    """The key every line of one search carries: the image subset, the objective, the backend that runs
+    (``backend``, the resolved choice of ``backend: auto``; default ``config.backend``) and the fixed
+    parameters (w2, sigma_gamma, iterations). Lines under another key belong to another search. The
+    strategy is not part of it: a line holds a configuration's confusion over its first ``images`` images
+    (in the order of ``image_order``), which both strategies use and extend."""
+    return {"subset_hash": subset, "objective_name": config.objective_name, "backend": backend or config.backend,
             "fixed": {"w2": config.w2, "sigma_gamma": config.sigma_gamma, "iterations": config.iterations}}
 
 
@@ -46,7 +50,8 @@ def read_results(path: str | os.PathLike, key: dict) -> tuple[dict[tuple, dict],
     """Read ``results.jsonl``: the records under ``key`` by configuration.
 
     Returns:
-        ``(records, foreign, torn)``: records keyed by configuration (later lines win), the number of
+        ``(records, foreign, torn)``: records keyed by configuration (the line scored on the most images
+        wins, later lines among equals), the number of
         valid lines under another key (skipped, with one warning), and whether the file ends with a
         partial line (warned; the caller cuts it off before appending).
     """
@@ -77,7 +82,9 @@ def read_results(path: str | os.PathLike, key: dict) -> tuple[dict[tuple, dict],
             foreign[k] = foreign.get(k, 0) + 1
             continue
         rec["params"] = params.to_dict()
-        records[param_key(params)] = rec
+        k = param_key(params)
+        if k not in records or int(rec.get("images", 0)) >= int(records[k].get("images", 0)):
+            records[k] = rec
     n_foreign = sum(foreign.values())
     if n_foreign:
         other = "; ".join(f"subset {k[0]}, objective {k[1]}, backend {k[2]}, fixed {k[3]}: {n} line(s)"

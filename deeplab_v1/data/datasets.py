@@ -89,14 +89,20 @@ class TrainDataset(Dataset):
         """Select the epoch whose crops ``__getitem__`` gives (part of the per-item seed)."""
         self.epoch = int(epoch)
 
-    def rng(self, index: int) -> np.random.Generator:
-        """The generator of item ``index`` in the current epoch."""
-        return np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(index)]))
+    def rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
+        """The generator of item ``index`` in ``epoch`` (default: the one ``set_epoch`` chose)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        return np.random.default_rng(np.random.SeedSequence([self.seed, epoch, int(index)]))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index`` of ``epoch`` (stateless: what ``set_epoch(epoch)`` then ``[index]`` gives), for
+        loader workers that cannot see the main process's ``set_epoch``."""
         sample = self.samples[index]
         image, label = _read_pair(sample, self.num_classes)
-        rng = self.rng(index)
+        rng = self.rng(index, epoch)
         if self.scale_range is not None:
             scale = float(rng.uniform(*self.scale_range))
             h, w = label.shape

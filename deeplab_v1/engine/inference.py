@@ -9,6 +9,11 @@ upsample when they are used, which gives the same numbers as upsampling first. T
 branches upsampled by x1, x2, x4 and x8 (``fc_fusion``), so their scores are kept at stride 1: the
 release's resolution, which the CRF and the evaluation need.
 
+Batching (``predict_batch``, ``forward_views``): every image is padded to the same size before the net
+sees it, so the images of a batch do not touch each other and batched scores equal one-at-a-time scores
+(to float rounding); multi-scale and flip views run batched too, grouped by padded size. The test stage
+reads and pads images in loader workers (``ViewDataset``) and writes files on a ``BackgroundWriter``.
+
 Score cache file (``.npz``): ``scores`` float16 (C, h, w); ``stride`` (int, pixels per score step; 1 when
 the scores are already at image resolution, as for MSc or multi-scale inference); ``offset`` (pixels the
 upsampled map is cropped by at the top/left: 7 for DeepLab / 7x7 / 4x4, else 0; absent in older files:
@@ -18,18 +23,23 @@ upsampled map is cropped by at the top/left: 7 for DeepLab / 7x7 / 4x4, else 0; 
 from __future__ import annotations
 
 import io
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
-from ..data.transforms import MEAN_BGR, image_to_tensor, pad_to
 from ..atomic import atomic_write_bytes
+from ..data.io import read_image
+from ..data.transforms import MEAN_BGR, image_to_tensor, pad_to
+from .precision import autocast
 
 
 def upsample_scores(scores: np.ndarray | torch.Tensor, stride: int, height: int, width: int,
@@ -140,23 +150,135 @@ def padded_size(height: int, width: int, size: int, multiple: int = 8) -> int:
     return size if side <= size else size + multiple * -(-(side - size) // multiple)
 
 
-def _forward_padded(model: nn.Module, image: np.ndarray, size: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """Pad (bottom/right, mean colour) to ``padded_size``, run the test net, and keep the rows/cols
-    covering the image: ((C, kh, kw) scores, stride, offset)."""
-    h, w = image.shape[:2]
+@dataclass
+class View:
+    """One network input of a test image at one scale, maybe mirrored.
+
+    Attributes:
+        x: (3, S, S) float32 mean-subtracted BGR, the (scaled, flipped) image padded at the bottom/right
+            with the mean colour to S = ``padded_size`` (513 for the release's images).
+        height, width: the scaled image inside it (pixels).
+        scale: the scale factor; flipped: mirrored left-right.
+    """
+
+    x: torch.Tensor
+    height: int
+    width: int
+    scale: float = 1.0
+    flipped: bool = False
+
+    def pin_memory(self) -> "View":
+        """The view with ``x`` in pinned memory (what the DataLoader's ``pin_memory`` calls)."""
+        return View(self.x.pin_memory(), self.height, self.width, self.scale, self.flipped)
+
+
+def image_views(image_bgr: np.ndarray, *, size: int, scales: Sequence[float] = (1.0,), flip: bool = False,
+               multiple: int = 8) -> list[View]:
+    """The inputs ``predict`` runs for one image: per scale (image bilinearly resized, padding size
+    ``round(size * scale)``) the image and, with ``flip``, its mirror, each padded to ``padded_size``.
+
+    Args:
+        image_bgr: (H, W, 3) uint8 BGR 0..255.
+        size: the padding size at scale 1 (513; 514 for ``deeplab``).
+        multiple: the model's output_stride (larger images are padded to ``size + multiple * k``).
+    """
+    h, w = image_bgr.shape[:2]
+    views = []
+    for s in scales:
+        img = image_bgr if s == 1.0 else cv2.resize(
+            image_bgr, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR
+        )
+        for flipped in ([False, True] if flip else [False]):
+            x = img[:, ::-1].copy() if flipped else img
+            sh, sw = x.shape[:2]
+            padded, _ = pad_to(x, None, padded_size(sh, sw, max(1, round(size * s)), multiple))
+            views.append(View(image_to_tensor(padded), sh, sw, float(s), flipped))
+    return views
+
+
+@torch.no_grad()
+def forward_views(model: nn.Module, views: Sequence[View], *, device: torch.device | str = "cpu",
+                  batch_size: int = 1, precision: str = "fp32", channels_last: bool = False,
+                  net: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> list[torch.Tensor]:
+    """The test net's scores of each view, run in batches of up to ``batch_size`` views of one padded
+    size (padding makes a batch exact: a view's scores do not depend on its batch companions).
+
+    Args:
+        net: the forward to call on (N, 3, S, S) (default ``run_test_net(model, .)``; a compiled one).
+
+    Returns:
+        per view, (C, kh, kw) float32 CPU scores: the rows/columns covering the view's image
+        (``kept_size``) at the test net's stride and offset.
+
+    Raises:
+        ValueError: the output does not cover an image.
+    """
+    device = torch.device(device)
     stride, offset = test_geometry(model)
-    padded, _ = pad_to(image, None, padded_size(h, w, size, int(getattr(model, "output_stride", 8))))
-    x = image_to_tensor(padded)[None].to(device)
-    out = run_test_net(model, x)[0]
-    kh, kw = kept_size(h, stride, offset), kept_size(w, stride, offset)
-    if out.shape[-2] < kh or out.shape[-1] < kw:
-        raise ValueError(f"model output {tuple(out.shape[-2:])} does not cover the image {h}x{w} at stride {stride}")
-    return out[:, :kh, :kw].float().cpu(), stride, offset
+    if net is None:
+        net = lambda x: run_test_net(model, x)  # noqa: E731
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, v in enumerate(views):
+        groups.setdefault(tuple(v.x.shape), []).append(i)
+    out: list[Optional[torch.Tensor]] = [None] * len(views)
+    for idx in groups.values():
+        for first in range(0, len(idx), max(1, batch_size)):
+            chunk = idx[first:first + max(1, batch_size)]
+            x = torch.stack([views[i].x for i in chunk]).to(device, non_blocking=True).contiguous(memory_format=memory)
+            with autocast(device, precision):
+                y = net(x)
+            y = y.float()
+            for j, i in enumerate(chunk):
+                v = views[i]
+                kh, kw = kept_size(v.height, stride, offset), kept_size(v.width, stride, offset)
+                if y.shape[-2] < kh or y.shape[-1] < kw:
+                    raise ValueError(f"model output {tuple(y.shape[-2:])} does not cover the image {v.height}x{v.width} "
+                                     f"at stride {stride}")
+                out[i] = y[j, :, :kh, :kw].cpu()
+    return out  # type: ignore[return-value]
+
+
+def combine_views(views: Sequence[View], scores: Sequence[torch.Tensor], height: int, width: int,
+                  stride: int, offset: int = 0) -> ScoreMap:
+    """One image's ``ScoreMap`` from its views' scores: the single unscaled view's scores as they are
+    (stride 8, or 1 for MSc), else the log of the mean of the views' probabilities, each upsampled to
+    the image and un-mirrored (stride 1; v3 Sec. 4.3)."""
+    if len(views) == 1 and views[0].scale == 1.0 and not views[0].flipped:
+        return ScoreMap(scores[0].numpy(), stride, height, width, offset=offset)
+    total = None
+    for v, sc in zip(views, scores):
+        up = upsample_scores(sc, stride, v.height, v.width, offset)
+        if (v.height, v.width) != (height, width):
+            up = F.interpolate(up[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        if v.flipped:
+            up = up.flip(-1)
+        p = torch.softmax(up, dim=0)
+        total = p if total is None else total + p
+    probs = total / len(views)
+    return ScoreMap(torch.log(probs.clamp_min(1e-8)).numpy(), 1, height, width)
+
+
+def predict_batch(model: nn.Module, images: Sequence[np.ndarray], *, size: int, scales: Sequence[float] = (1.0,),
+                  flip: bool = False, device: torch.device | str = "cpu", batch_size: int = 1,
+                  precision: str = "fp32", channels_last: bool = False) -> list[ScoreMap]:
+    """``predict`` for several images, their views run ``batch_size`` at a time (``forward_views``)."""
+    multiple = int(getattr(model, "output_stride", 8))
+    per_image = [image_views(im, size=size, scales=scales, flip=flip, multiple=multiple) for im in images]
+    flat = [v for vs in per_image for v in vs]
+    scores = forward_views(model, flat, device=device, batch_size=batch_size, precision=precision,
+                           channels_last=channels_last)
+    stride, offset = test_geometry(model)
+    out, k = [], 0
+    for im, vs in zip(images, per_image):
+        out.append(combine_views(vs, scores[k:k + len(vs)], im.shape[0], im.shape[1], stride, offset))
+        k += len(vs)
+    return out
 
 
 @torch.no_grad()
 def predict(model: nn.Module, image_bgr: np.ndarray, *, size: int, scales: Sequence[float] = (1.0,),
-            flip: bool = False, device: torch.device | str = "cpu") -> ScoreMap:
+            flip: bool = False, device: torch.device | str = "cpu", precision: str = "fp32") -> ScoreMap:
     """Scores of one image.
 
     Single scale, no flip (v1, the release): the test net's scores (``DeepLabVGG.test_net``): raw fc8 at
@@ -168,35 +290,72 @@ def predict(model: nn.Module, image_bgr: np.ndarray, *, size: int, scales: Seque
         model: in eval mode; maps (1, 3, H, W) mean-subtracted BGR to (1, C, h, w); has ``output_stride``.
         image_bgr: (H, W, 3) uint8 BGR 0..255.
         size: padding size in pixels (513; 514 for ``deeplab``), scaled with each scale.
+        precision: ``fp32`` (the release), ``bf16`` or ``fp16`` autocast.
 
     Returns:
         ``ScoreMap`` (float32 scores).
     """
-    device = torch.device(device)
-    h, w = image_bgr.shape[:2]
-    if list(scales) == [1.0] and not flip:
-        scores, stride, offset = _forward_padded(model, image_bgr, size, device)
-        return ScoreMap(scores.numpy(), stride, h, w, offset=offset)
-    total = None
-    count = 0
-    for s in scales:
-        img = image_bgr if s == 1.0 else cv2.resize(
-            image_bgr, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR
-        )
-        for flipped in ([False, True] if flip else [False]):
-            x = img[:, ::-1].copy() if flipped else img
-            sh, sw = x.shape[:2]
-            sc, stride, offset = _forward_padded(model, x, max(1, round(size * s)), device)
-            up = upsample_scores(sc, stride, sh, sw, offset)
-            if (sh, sw) != (h, w):
-                up = F.interpolate(up[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-            if flipped:
-                up = up.flip(-1)
-            p = torch.softmax(up, dim=0)
-            total = p if total is None else total + p
-            count += 1
-    probs = total / count
-    return ScoreMap(torch.log(probs.clamp_min(1e-8)).numpy(), 1, h, w)
+    return predict_batch(model, [image_bgr], size=size, scales=scales, flip=flip, device=device,
+                         precision=precision)[0]
+
+
+class ViewDataset(Dataset):
+    """Test images read and turned into their views (``image_views``) in loader workers.
+
+    Items: ``(index, height, width, views)``; batches are lists of items (``data.loader.collate_list``).
+
+    Raises (from ``__getitem__``):
+        DataError: an unreadable image.
+    """
+
+    def __init__(self, images: Sequence[str | Path], *, size: int, scales: Sequence[float] = (1.0,),
+                 flip: bool = False, multiple: int = 8) -> None:
+        self.images, self.size, self.scales, self.flip, self.multiple = list(images), size, list(scales), flip, multiple
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, int, int, list[View]]:
+        image = read_image(self.images[index])
+        views = image_views(image, size=self.size, scales=self.scales, flip=self.flip, multiple=self.multiple)
+        return index, image.shape[0], image.shape[1], views
+
+
+class BackgroundWriter:
+    """Writes (score-cache compression, PNG encoding) on threads, so that the device never waits on them.
+
+    ``submit(fn, *args)`` queues a write; at most ``max_pending`` are in flight (then it waits for the
+    oldest). ``close()`` (or leaving the ``with`` block) waits for all and raises the first write's error
+    in the caller's thread. Each write is atomic (``atomic_write_bytes``), so a killed run leaves whole
+    files or none.
+    """
+
+    def __init__(self, threads: int = 2, max_pending: int = 16) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="deeplab-writer")
+        self._pending: deque[Future] = deque()
+        self.max_pending = max(1, max_pending)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def close(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+        else:  # the caller's error wins; queued writes are dropped, running ones finish
+            self._pending.clear()
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def label_from_scores(scores: torch.Tensor) -> np.ndarray:

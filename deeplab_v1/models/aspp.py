@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import KeyedDropout
+
 #: ASPP rates of the three 3x3 branches at output_stride 16 (v3 Sec. 3.3); scaled by 16 / output_stride.
 ASPP_RATES_OS16: tuple[int, int, int] = (6, 12, 18)
 
@@ -193,7 +195,7 @@ class ASPP(nn.Module):
             self.branches.append(conv_bn_relu(in_channels, out_channels, 3, r, separable, bn_momentum))
         self.pooling = ASPPPooling(in_channels, out_channels, bn_momentum)
         self.project = conv_bn_relu(out_channels * (len(rates) + 2), out_channels, 1, bn_momentum=bn_momentum)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = KeyedDropout(dropout)
         self.out_channels = out_channels
 
     @property

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import KeyedDropout
+
 #: VGG-16 conv blocks: (number of convs, channels) per block.
 _VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
@@ -153,7 +155,7 @@ class MScBranch(nn.Module):
         self.conv = nn.Conv2d(in_channels, 128, 3, stride=stride, padding=1)
         self.fc = nn.Conv2d(128, 128, 1)
         self.ms = nn.Conv2d(128, num_classes, 1)
-        self.drop = nn.Dropout(dropout)
+        self.drop = KeyedDropout(dropout)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor, test: bool = False) -> torch.Tensor:
@@ -219,8 +221,8 @@ class DeepLabVGG(nn.Module):
         )
         self.fc7 = nn.Conv2d(spec.fc_channels, spec.fc_channels, 1)
         self.fc8 = nn.Conv2d(spec.fc_channels, num_classes, 1)
-        self.drop6 = nn.Dropout(0.5)
-        self.drop7 = nn.Dropout(0.5)
+        self.drop6 = KeyedDropout(0.5)
+        self.drop7 = KeyedDropout(0.5)
         self.relu = nn.ReLU(inplace=True)
         self.msc = nn.ModuleDict()
         self._msc_zoom: dict[str, int] = {}

@@ -2,7 +2,10 @@
 
 Reads: ``scores/<id>.npz`` (score cache), the test images, ``crf_search/best.json`` (when
 ``crf.use_search``). Writes: ``predictions/crf/<id>.png`` (VOC palette). Runs through
-``crf.parallel.run_crf_many`` on every core; finished images are kept.
+``crf.parallel.run_crf_many``: on CPU one single-threaded process per core; with ``crf.device: cuda``
+in this process, batches of images through the torch backend within ``crf.memory_mb``. With
+``crf.backend: auto`` each image runs in torch when it fits the budget, else in pydensecrf; the record
+says how many images each backend ran. Finished images are kept.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 from crf import CRFParams
+from crf.inputs import check_backend
 from crf.parallel import CRFTask, run_crf_many
 
 from ..context import RunContext, StageError
@@ -42,10 +46,12 @@ def run(ctx: RunContext) -> dict:
 
     Raises:
         StageError: an image has no cached scores (the test stage did not run).
+        CRFInputError: a backend and device that do not go together (``pydensecrf`` on ``cuda``).
     """
     if not ctx.cfg.crf.enabled:
         ctx.log.info("crf.enabled is false: CRF skipped")
         return {"skipped": True}
+    check_backend(ctx.cfg.crf.backend, ctx.cfg.crf.device)  # before any work: a one-line error, exit 2
     samples = ctx.test_samples()
     params, origin = crf_params(ctx)
     ctx.layout.predictions("crf").mkdir(parents=True, exist_ok=True)
@@ -55,11 +61,14 @@ def run(ctx: RunContext) -> dict:
         if not cache.is_file():
             raise StageError(f"crf: no cached scores for {s.id} ({cache}); run the test stage first")
         tasks.append(CRFTask(str(cache), str(ctx.layout.prediction("crf", s.id)), image=str(s.image)))
-    ctx.log.info(f"crf: {len(tasks)} images, params {params.to_dict()} from {origin}, backend {ctx.cfg.crf.backend}")
+    c = ctx.cfg.crf
+    ctx.log.info(f"crf: {len(tasks)} images, params {params.to_dict()} from {origin}, backend {c.backend}, "
+                 f"device {c.device}")
     summary = run_crf_many(
-        tasks, params, workers=ctx.cfg.crf.workers, backend=ctx.cfg.crf.backend, device=ctx.cfg.crf.device,
-        progress=ctx.progress, load=crf_inputs, write=write_label,
+        tasks, params, workers=c.workers, backend=c.backend, device=c.device, progress=ctx.progress,
+        load=crf_inputs, write=write_label, memory_mb=c.memory_mb,
     )
     mean = summary.crf_seconds / summary.done if summary.done else 0.0
     ctx.log.info(summary.line())
-    return {"params": params.to_dict(), "params_from": origin, "images": len(samples), "seconds_per_image": mean}
+    return {"params": params.to_dict(), "params_from": origin, "images": len(samples), "seconds_per_image": mean,
+            "backend": c.backend, "backends": summary.backends, "layout": summary.layout}

@@ -8,7 +8,9 @@ The stage never runs the network: it reads the test stage's score cache, upsampl
 them into probabilities ONCE per image (a search input file per image: image, probabilities, label and,
 for the trimap objective, the band), then hands the files to ``crf.search.run_search``, which evaluates
 every configuration on every image (on all cores; across machines with torchrun) and appends each
-finished configuration to ``results.jsonl`` so that a killed search resumes.
+finished configuration to ``results.jsonl`` so that a killed search resumes. ``crf_search.strategy:
+halving`` scores the configurations on growing shares of the images (successive halving); ``backend:
+auto`` (the default) runs the torch backend where it fits its memory budget; the record names both.
 
 Reads: ``scores/<id>.npz``, the test images and labels. Writes: ``crf_search/images.txt``,
 ``crf_search/samples/<id>.npz`` (search input files), and through ``run_search`` ``results.jsonl``,
@@ -85,4 +87,6 @@ def run(ctx: RunContext) -> dict:
                  f"{' on DIAGNOSTIC degraded-GT scores' if diagnostic else ''}")
     result = run_search(files, ctx.layout.crf_search, search, progress=ctx.progress)
     return {"images": len(ids), "best": result.best.to_dict(), "objective": search.objective,
-            "best_objective": result.best_objective}
+            "best_objective": result.best_objective, "backend": result.backend,
+            "backend_reason": result.backend_reason, "strategy": result.strategy,
+            "crf_runs": result.crf_runs_total}

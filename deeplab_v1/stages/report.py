@@ -1,14 +1,28 @@
 """``report.md``: what was run and what it measured, as markdown tables (DCNN vs DCNN-CRF, paper Table 1
-and Fig. 5 style). Written by the ``evaluate`` stage.
+and Fig. 5 style) and figures. Written by the ``evaluate`` stage.
 
-Reads: ``stages/*.json`` (init, CRF parameters, stage times), ``crf_search/best.json``. Writes: ``report.md``.
+The report opens with one sentence on what the run is (``headline``: a pipeline check from random
+weights, a DIAGNOSTIC run on degraded ground truth, or a real run) and where the paper's numbers come
+from; ``deeplab run`` prints the same sentence last.
+
+Reads: ``stages/*.json`` (init, CRF parameters, stage times), ``crf_search/best.json`` and
+``results.jsonl``, the test images, labels and ``predictions/``. Writes: ``report.md`` and
+``figures/{qualitative,crf_search,trimap}.{png,pdf,svg}`` (``deeplab_v1.figures``).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
 from ..atomic import atomic_write_text
+from ..config import ExperimentConfig
 from ..context import RunContext
-from ..data.io import VOC_CLASSES
+from ..data.io import VOC_CLASSES, read_image, read_label
+from ..figures import qualitative_figure, search_heatmap, trimap_figure
 
 #: Paper Table 1 (VOC 2012 val, trained on train_aug), mIoU % without / with the CRF.
 PAPER_TABLE1: dict[str, tuple[float, float]] = {
@@ -22,23 +36,75 @@ PAPER_TABLE1: dict[str, tuple[float, float]] = {
 _TRIMAP_ROWS = (1, 2, 3, 5, 10, 15, 20, 30, 40)
 
 
+#: Rows of the qualitative figure: this many images where the CRF changed most, and as many where least.
+QUALITATIVE_ROWS = 2
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+def headline(cfg: ExperimentConfig, metrics: Optional[dict] = None) -> str:
+    """One sentence: what this run is, what its numbers mean, and where the paper's numbers come from.
+
+    Args:
+        cfg: the experiment.
+        metrics: ``metrics.json`` of the run (read from the run folder when None and present).
+    """
+    if metrics is None and (cfg.run_dir / "metrics.json").is_file():
+        metrics = json.loads((cfg.run_dir / "metrics.json").read_text(encoding="utf-8"))
+    numbers = ""
+    if metrics and "dcnn" in metrics:
+        numbers = f"DCNN {_pct(metrics['dcnn']['miou'])} %"
+        numbers += f", DCNN-CRF {_pct(metrics['crf']['miou'])} % mIoU" if "crf" in metrics else " mIoU"
+    measured = f" (here: {numbers})" if numbers else ""
+    paper = PAPER_TABLE1.get(cfg.model.name, PAPER_TABLE1["deeplab-largefov"])
+    paper_name = cfg.model.name if cfg.model.name in PAPER_TABLE1 else "deeplab-largefov"
+    source = (f"the paper's {paper[0]:.2f} / {paper[1]:.2f} % ({paper_name}, Table 1) come from training on "
+              "VOC 2012 train_aug (10,582 images) from ImageNet weights and testing on the 1,449 val images "
+              "(experiments/voc12-*.yaml with the full data)")
+    if cfg.test.score_source != "network":
+        band = _band_gain(cfg.run_dir / "trimap.json", width=5)
+        here = f" (here: {numbers}{band})" if numbers else ""
+        return (f"DIAGNOSTIC run: the DCNN scores are degraded ground truth (about 95 % pixel accuracy, wrong near "
+                f"object boundaries), not a network, so the numbers measure what the CRF does near boundaries "
+                f"(the trimap), not DeepLab's accuracy{here}; {source}.")
+    if cfg.model.init is None:
+        return (f"A pipeline check, not a result: {cfg.model.name} trained {cfg.train.iterations} iterations from "
+                f"random weights, so expect an mIoU of a few % (mostly background) and a CRF that moves it by "
+                f"a fraction of a point either way{measured}; {source}.")
+    return (f"{cfg.model.name} from {Path(cfg.model.init).name}, {cfg.train.iterations} iterations, "
+            f"tested on {cfg.data.test_list}{measured}; {source}.")
+
+
+def _band_gain(path: Path, width: int) -> str:
+    """``, within W px of a boundary pixel accuracy A -> B %`` from ``trimap.json``, or "" without it."""
+    try:
+        tri = json.loads(path.read_text(encoding="utf-8"))
+        i = tri["dcnn"]["widths"].index(width)
+        a, b = tri["dcnn"]["pixel_accuracy"][i], tri["crf"]["pixel_accuracy"][i]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return "" if a is None or b is None else f"; within {width} px of a boundary, pixel accuracy {_pct(a)} -> {_pct(b)} %"
 
 
 def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
     """Write ``report.md`` in the run folder atomically and return its text."""
     cfg = ctx.cfg
     layout = ctx.layout
-    lines = [f"# DeepLab experiment `{cfg.name}`", ""]
+    lines = [f"# DeepLab experiment `{cfg.name}`", "", f"**{headline(cfg, metrics)}**", ""]
+    if cfg.test.score_source == "network" and cfg.model.init is None:
+        lines += ["To see what the CRF does at object boundaries without a trained network: `deeplab run crf-demo` "
+                  "(DIAGNOSTIC degraded-GT scores).", ""]
     train_rec = layout.read_record("train")
     init = train_rec.get("init", "unknown") if train_rec is not None else "not trained in this run"
     source = cfg.test.score_source
+    trained = (f"{cfg.train.iterations} iterations x {cfg.train.batch_size} crops (iter_size {cfg.train.iter_size}), "
+               f"lr {cfg.train.base_lr} ({cfg.train.lr_policy})") if "train" in cfg.stages else "none (not among the stages)"
     lines += [
         f"- model: `{cfg.model.name}` ({cfg.model.num_classes} classes)",
         f"- initial weights: {init}",
-        f"- training: {cfg.train.iterations} iterations x {cfg.train.batch_size} crops (iter_size {cfg.train.iter_size}), "
-        f"lr {cfg.train.base_lr} ({cfg.train.lr_policy})",
+        f"- training: {trained}",
         f"- data: `{cfg.data.root}`, train `{cfg.data.train_list}`, test `{cfg.data.test_list}` ({metrics.get('images')} images)",
     ]
     if source != "network":
@@ -82,6 +148,7 @@ def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
             cells = " | ".join(f"{_pct(trimap[k]['pixel_accuracy'][i])} | {_pct(trimap[k]['miou'][i])}" for k in trimap)
             lines.append(f"| {w} | {cells} |")
         lines += ["", "![trimap](trimap.png)"]
+    lines += _figures(ctx, trimap)
     secs = layout.stage_seconds()
     if secs:
         lines += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
@@ -89,3 +156,80 @@ def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
     text = "\n".join(lines) + "\n"
     atomic_write_text(layout.report, text)
     return text
+
+
+def _figures(ctx: RunContext, trimap: dict) -> list[str]:
+    """Draw the report's figures into ``figures/`` (PNG, PDF, SVG) and return their markdown section."""
+    folder = ctx.layout.root / "figures"
+    diag = " (DIAGNOSTIC degraded-GT scores)" if ctx.cfg.test.score_source != "network" else ""
+    lines = ["", "## Figures", "", "PNG for reading, PDF and SVG beside each for papers (`figures/`).", ""]
+    rows = qualitative_rows(ctx)
+    if rows:
+        qualitative_figure(rows, folder / "qualitative.png",
+                           title=f"Where the CRF changed most (top) and least (bottom){diag}")
+        lines += ["Paper Fig. 4 style: image, ground truth, DCNN, DCNN-CRF; the images where the CRF changed most "
+                  "and least.", "", "![qualitative](figures/qualitative.png)", ""]
+    results = _search_results(ctx.layout.crf_search / "results.jsonl")
+    if results:
+        s = ctx.cfg.crf_search.search
+        try:
+            search_heatmap(results, folder / "crf_search.png", grid=(s.w1, s.sigma_alpha, s.sigma_beta),
+                           objective_name={"miou": "mIoU", "trimap_miou": f"trimap mIoU ({s.trimap_width} px)"}.get(
+                               s.objective, "objective") if isinstance(s.objective, str) else "objective",
+                           title=f"CRF search on the coarse grid, best outlined{diag}")
+            lines += ["![CRF search](figures/crf_search.png)", ""]
+        except ValueError:  # no finished configuration on the coarse grid
+            pass
+    if trimap:
+        names = {"dcnn": "DCNN", "crf": "DCNN-CRF"}
+        trimap_figure({names[k]: v for k, v in trimap.items() if k in names}, folder / "trimap.png",
+                      title=f"Trimap (paper Fig. 5){diag}")
+    return lines
+
+
+def _search_results(path: Path) -> list[dict]:
+    """The finished configurations of ``results.jsonl`` as flat dicts (w1, sigma_alpha, sigma_beta,
+    objective); unreadable lines are skipped (the search itself warns about them)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+            rows.append({**{k: float(rec["params"][k]) for k in ("w1", "sigma_alpha", "sigma_beta")},
+                         "objective": rec.get("objective"), "images": rec.get("images")})
+        except (ValueError, KeyError, TypeError):
+            continue
+    return rows
+
+
+def qualitative_rows(ctx: RunContext, per_end: int = QUALITATIVE_ROWS) -> list[dict]:
+    """Rows of the qualitative figure: the ``per_end`` test images whose labels the CRF changed most (share
+    of pixels) and the ``per_end`` it changed least, each with image, ground truth, DCNN and CRF labels and
+    a caption; all images when there are at most ``2 * per_end``. Empty without labels or predictions."""
+    samples = [s for s in ctx.test_samples() if s.label is not None
+               and ctx.layout.prediction("dcnn", s.id).is_file()]
+    if not samples:
+        return []
+    n = ctx.cfg.model.num_classes
+    change = {}
+    for s in samples:
+        crf = ctx.layout.prediction("crf", s.id)
+        if crf.is_file():
+            change[s.id] = float(np.mean(read_label(crf, n) != read_label(ctx.layout.prediction("dcnn", s.id), n)))
+    order = sorted(samples, key=lambda s: -change.get(s.id, 0.0))
+    picked = order if len(order) <= 2 * per_end else order[:per_end] + order[-per_end:]
+    rows = []
+    for s in picked:
+        gt = read_label(s.label, n)
+        dcnn = read_label(ctx.layout.prediction("dcnn", s.id), n)
+        crf_path = ctx.layout.prediction("crf", s.id)
+        crf = read_label(crf_path, n) if crf_path.is_file() else None
+        valid = gt != 255
+        caption = f"{s.id}\nDCNN acc. {100 * np.mean(dcnn[valid] == gt[valid]):.1f} %"
+        if crf is not None:
+            caption += (f"\nCRF acc. {100 * np.mean(crf[valid] == gt[valid]):.1f} %"
+                        f"\nCRF changed {100 * change[s.id]:.1f} % px")
+        rows.append({"image": np.ascontiguousarray(read_image(s.image)[:, :, ::-1]), "gt": gt, "dcnn": dcnn,
+                     "crf": crf, "caption": caption})
+    return rows

@@ -1,15 +1,43 @@
 """The ``train`` stage: the release's Caffe solver on random crops (``engine.trainer``).
 
 Reads: ``model.init``; the training list. Writes: ``checkpoints/iter_<N>.pth`` (resumable),
-``checkpoints/final.pth`` (the trained weights; with ``train.iterations: 0`` the initial ones).
+``checkpoints/final.pth`` (the trained weights; with ``train.iterations: 0`` the initial ones);
+``tensorboard/`` (``train.tensorboard``: loss, lr, predictions). Under torchrun every rank trains (DDP)
+and rank 0 writes.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
 from ..context import RunContext, StageError
 from ..engine.checkpoint import save_checkpoint
+from ..engine.precision import set_tf32
 from ..engine.trainer import train
 from .network import initial_model
+
+
+@contextmanager
+def tensorboard_writer(ctx: RunContext) -> Iterator[Optional[Any]]:
+    """A ``SummaryWriter`` on ``<run>/tensorboard`` when ``train.tensorboard`` is on (rank 0), else None.
+
+    Raises:
+        StageError: ``train.tensorboard: true`` without the tensorboard package.
+    """
+    if not (ctx.cfg.train.tensorboard and ctx.dist.is_main):
+        yield None
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise StageError("train.tensorboard is true but the tensorboard package is not installed "
+                         "(pip install 'deeplab-v1[tensorboard]', or set train.tensorboard: false)") from None
+    writer = SummaryWriter(log_dir=str(ctx.layout.tensorboard))
+    try:
+        yield writer
+    finally:
+        writer.close()
 
 
 def run(ctx: RunContext) -> dict:
@@ -19,11 +47,16 @@ def run(ctx: RunContext) -> dict:
         StageError: a BatchNorm option the model cannot take, or a batch too small to fine-tune BatchNorm.
     """
     t = ctx.cfg.train
+    set_tf32(ctx.cfg.tf32, ctx.device)
+    if t.sync_batchnorm and ctx.dist.active and ctx.device.type != "cuda":
+        raise StageError("train.sync_batchnorm needs device: cuda (torch's SyncBatchNorm runs on GPUs only); "
+                         "set train.sync_batchnorm: false on the CPU")
     model, init_desc = initial_model(ctx)
     ctx.log.info(f"init: {init_desc}")
     if t.iterations == 0:
         ctx.log.info("train.iterations is 0: testing the initial weights")
-        save_checkpoint(ctx.layout.final_checkpoint, {"state_dict": model.state_dict(), "model": ctx.cfg.model.name})
+        if ctx.dist.is_main:
+            save_checkpoint(ctx.layout.final_checkpoint, {"state_dict": model.state_dict(), "model": ctx.cfg.model.name})
         return {"init": init_desc, "iterations": 0}
     spec = ctx.v1_spec
     if spec is None:  # DeepLab v3/v3+ options
@@ -39,13 +72,15 @@ def run(ctx: RunContext) -> dict:
     crop = t.crop_size or (spec.train_crop if spec is not None else 513)
     samples = ctx.train_samples()
     ctx.log.info(f"training {ctx.cfg.model.name} on {len(samples)} images, crop {crop}, {t.iterations} iterations")
-    result = train(
-        model, samples, t, ctx.layout.checkpoints, crop_size=crop,
-        # train.prototxt's label_shrink: INTERP shrink_factor 8, pad_beg -1 for DeepLab's 306 crop
-        label_pad_beg=spec.train_label_pad_beg if spec is not None else 0,
-        seed=ctx.cfg.seed, num_classes=ctx.cfg.model.num_classes, device=ctx.device, progress=ctx.progress,
-        log=ctx.log.info,
-        extra_state={"model": ctx.cfg.model.name, "num_classes": ctx.cfg.model.num_classes, "init": init_desc},
-    )
+    with tensorboard_writer(ctx) as board:
+        result = train(
+            model, samples, t, ctx.layout.checkpoints, crop_size=crop,
+            # train.prototxt's label_shrink: INTERP shrink_factor 8, pad_beg -1 for DeepLab's 306 crop
+            label_pad_beg=spec.train_label_pad_beg if spec is not None else 0,
+            seed=ctx.cfg.seed, num_classes=ctx.cfg.model.num_classes, device=ctx.device, progress=ctx.progress,
+            log=ctx.log.info, tensorboard=board,
+            extra_state={"model": ctx.cfg.model.name, "num_classes": ctx.cfg.model.num_classes, "init": init_desc},
+        )
     return {"init": init_desc, "iterations": result.iterations, "resumed_from": result.resumed_from,
-            "final_loss": result.final_loss, "images": len(samples)}
+            "final_loss": result.final_loss, "images": len(samples), "world_size": ctx.dist.world,
+            "global_batch": t.batch_size * t.iter_size * ctx.dist.world}

@@ -1,0 +1,325 @@
+"""Figures for people and papers: label colours and overlays (``deeplab predict``), the qualitative
+figure of the paper's Fig. 4 (image, ground truth, DCNN, DCNN-CRF), a readable CRF-search heatmap and the
+trimap curves of several runs (Fig. 5).
+
+Every matplotlib figure is drawn on a bare ``Figure`` with the Agg canvas (no pyplot state, no display)
+and saved by :func:`save_figure` as PNG, PDF and SVG side by side, atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_write_bytes
+from .data.io import IGNORE_LABEL, VOC_CLASSES, voc_palette
+
+__all__ = ["FIGURE_FORMATS", "colorize", "blend", "side_by_side", "new_figure", "save_figure",
+           "qualitative_figure", "search_heatmap", "trimap_figure", "class_names"]
+
+#: The formats every figure is written in (``<stem>.png``, ``.pdf``, ``.svg``).
+FIGURE_FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
+
+
+# --------------------------------------------------------------------------------------- label images
+def colorize(label: np.ndarray) -> np.ndarray:
+    """VOC-palette colours of a label map.
+
+    Args:
+        label: (H, W) integer class indices 0..255 (255: void).
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+
+    Raises:
+        ValueError: ``label`` is not 2-D or holds values outside 0..255.
+    """
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"a label map must be (H, W), got shape {label.shape}")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"label values must be within 0..255, got {label.min()}..{label.max()}")
+    return voc_palette()[label.astype(np.uint8)]
+
+
+def blend(image_rgb: np.ndarray, label: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """The label's colours over the image: ``alpha`` x colour + (1 - alpha) x image, background (0) and
+    void (255) pixels left as the image.
+
+    Args:
+        image_rgb: (H, W, 3) uint8 RGB 0..255.
+        label: (H, W) class indices, the image's size.
+        alpha: opacity of the colours, 0..1.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+
+    Raises:
+        ValueError: the sizes differ.
+    """
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.shape[:2] != np.asarray(label).shape:
+        raise ValueError(f"image {image_rgb.shape[:2]} and label {np.asarray(label).shape} sizes differ")
+    colours = colorize(label).astype(np.float32)
+    out = image_rgb.astype(np.float32)
+    objects = (label != 0) & (label != IGNORE_LABEL)
+    out[objects] = alpha * colours[objects] + (1.0 - alpha) * out[objects]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:  # Pillow >= 10.1 scales its built-in font
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - older Pillow: the small bitmap font
+        return ImageFont.load_default()
+
+
+def side_by_side(panels: Sequence[tuple[str, np.ndarray]], *, max_height: int = 480) -> np.ndarray:
+    """Panels in a row, each under a caption strip (e.g. image | DCNN | DCNN-CRF).
+
+    Args:
+        panels: (caption, (H, W, 3) uint8 RGB) pairs, all of the same size.
+        max_height: panels taller than this are scaled down (pixels), so a large photo stays viewable.
+
+    Returns:
+        (caption + H', n * W' + gaps, 3) uint8 RGB.
+
+    Raises:
+        ValueError: no panels, or panels of different sizes.
+    """
+    if not panels:
+        raise ValueError("side_by_side: no panels")
+    shapes = {np.asarray(p).shape for _, p in panels}
+    if len(shapes) != 1:
+        raise ValueError(f"side_by_side: panels of different sizes {sorted(shapes)}")
+    h, w = next(iter(shapes))[:2]
+    scale = min(1.0, max_height / h)
+    ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
+    caption_h, gap = max(18, ph // 14), 4
+    canvas = Image.new("RGB", (len(panels) * pw + (len(panels) - 1) * gap, caption_h + ph), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(int(caption_h * 0.75))
+    for i, (caption, panel) in enumerate(panels):
+        x = i * (pw + gap)
+        im = Image.fromarray(np.ascontiguousarray(panel, dtype=np.uint8))
+        if scale < 1.0:
+            im = im.resize((pw, ph), Image.Resampling.LANCZOS)
+        canvas.paste(im, (x, caption_h))
+        draw.text((x + 4, caption_h * 0.1), caption, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+# ----------------------------------------------------------------------------------- matplotlib figures
+def new_figure(width: float, height: float, *, layout: str | None = None) -> Figure:
+    """A bare matplotlib ``Figure`` (inches) on the Agg canvas; ``layout="constrained"`` to let
+    matplotlib place titles, labels and colour bars."""
+    fig = Figure(figsize=(width, height), layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> list[Path]:
+    """Write ``fig`` as ``<stem>.png``, ``.pdf`` and ``.svg`` (``FIGURE_FORMATS``) next to ``path``,
+    each atomically; parent folders are created. Returns the paths written, PNG first."""
+    path = Path(path)
+    written = []
+    for fmt in FIGURE_FORMATS:
+        out = path.with_suffix(f".{fmt}")
+        buf = io.BytesIO()
+        # a fixed date keeps the PDF/SVG bytes reproducible from run to run
+        metadata = {"CreationDate": None} if fmt == "pdf" else ({"Date": None} if fmt == "svg" else None)
+        # editable text in SVG, TrueType (not Type 3) fonts in PDF: what journals and editors want
+        with matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+            fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata)
+        atomic_write_bytes(out, buf.getvalue())
+        written.append(out)
+    return written
+
+
+def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, title: str | None = None) -> list[Path]:
+    """The paper's Fig. 4: one row per image -- image, ground truth, DCNN, DCNN-CRF.
+
+    Args:
+        rows: mappings with ``image`` ((H, W, 3) uint8 RGB), ``gt``, ``dcnn``, ``crf`` ((H, W) class
+            indices; ``crf`` may be None when the CRF did not run) and ``caption`` (the row's label, e.g.
+            the image id and how much the CRF changed).
+        path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
+        title: optional figure title.
+
+    Returns:
+        The files written (``save_figure``).
+
+    Raises:
+        ValueError: no rows.
+    """
+    if not rows:
+        raise ValueError("qualitative_figure: no rows")
+    with_crf = any(r.get("crf") is not None for r in rows)
+    heads = ["Image", "Ground truth", "DCNN output"] + (["DCNN-CRF output"] if with_crf else [])
+    aspect = max(r["image"].shape[1] / r["image"].shape[0] for r in rows)
+    cell = 2.6
+    height = cell * len(rows) + (0.6 if title else 0.2)
+    fig = new_figure(cell * aspect * len(heads), height)
+    axes = np.atleast_2d(fig.subplots(len(rows), len(heads), squeeze=False))
+    for i, r in enumerate(rows):
+        panels = [r["image"], colorize(r["gt"]), colorize(r["dcnn"])]
+        if with_crf:
+            panels.append(colorize(r["crf"]) if r.get("crf") is not None else np.full_like(r["image"], 255))
+        for j, panel in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(heads[j], fontsize=12)
+        axes[i, 0].set_ylabel(r.get("caption", ""), fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    # leave the title its own strip above the column heads
+    fig.tight_layout(pad=0.4, rect=(0, 0, 1, 1 - (0.45 / height if title else 0)))
+    return save_figure(fig, path)
+
+
+def search_heatmap(results: Sequence[Mapping], path: str | os.PathLike, *, objective_name: str = "mIoU",
+                   grid: Sequence[Sequence[float]] | None = None, title: str | None = None) -> list[Path]:
+    """The CRF search as heatmaps that can be read: one panel per w1, sigma_beta across, sigma_alpha down,
+    each cell labelled with its objective in % (large type), the best cell outlined.
+
+    Args:
+        results: one mapping per configuration with ``w1``, ``sigma_alpha``, ``sigma_beta`` and
+            ``objective`` (a fraction 0..1, or None for a failed configuration), e.g. the lines of
+            ``crf_search/results.jsonl``; optional ``images`` (how many it was scored on: those scored on
+            fewer than the most, dropped by successive halving, are shown in parentheses).
+        path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
+        objective_name: what ``objective`` is (for the colour bar).
+        grid: (w1 values, sigma_alpha values, sigma_beta values) to draw, e.g. the coarse grid (the
+            refinement's points off it are left out); default: every value the results hold.
+        title: optional figure title.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ValueError: no configuration with an objective (on the grid).
+    """
+    rows = [r for r in results if r.get("objective") is not None]
+    if grid is not None:
+        on = [set(float(v) for v in values) for values in grid]
+        rows = [r for r in rows if float(r["w1"]) in on[0] and float(r["sigma_alpha"]) in on[1]
+                and float(r["sigma_beta"]) in on[2]]
+    if not rows:
+        raise ValueError("search_heatmap: no configuration with an objective")
+    w1s = sorted({float(r["w1"]) for r in rows})
+    alphas = sorted({float(r["sigma_alpha"]) for r in rows})
+    betas = sorted({float(r["sigma_beta"]) for r in rows})
+    grids = {w: np.full((len(alphas), len(betas)), np.nan) for w in w1s}
+    for r in rows:
+        grids[float(r["w1"])][alphas.index(float(r["sigma_alpha"])), betas.index(float(r["sigma_beta"]))] = 100 * r["objective"]
+    # successive halving scores the configurations it drops on fewer images: shown in parentheses, never best
+    most = max(int(r.get("images") or 0) for r in rows)
+    partial = {(float(r["w1"]), float(r["sigma_alpha"]), float(r["sigma_beta"])) for r in rows
+               if int(r.get("images") or 0) < most}
+    best = max(rows, key=lambda r: (int(r.get("images") or 0), r["objective"]))
+    values = np.concatenate([g.ravel() for g in grids.values()])
+    lo, hi = np.nanmin(values), np.nanmax(values)
+    ncols = min(len(w1s), 3)
+    nrows = math.ceil(len(w1s) / ncols)
+    cw, ch = 0.75, 0.5  # inches per cell: room for a 10 pt label
+    fig = new_figure(max(4.5, ncols * (len(betas) * cw + 1.0) + 1.2), nrows * (len(alphas) * ch + 1.1) + 0.5,
+                     layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    image = None
+    for i, (ax, w) in enumerate(zip(axes, w1s)):
+        g = grids[w]
+        image = ax.imshow(g, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, aspect="auto")
+        for (a, b), v in np.ndenumerate(g):
+            if not np.isnan(v):
+                light = (v - lo) / (hi - lo) > 0.6 if hi > lo else True
+                shown = f"{v:.2f}" if hi - lo < 1 else f"{v:.1f}"  # a spread under 1 point needs the 2nd digit
+                text = f"({shown})" if (w, alphas[a], betas[b]) in partial else shown
+                ax.text(b, a, text, ha="center", va="center", fontsize=10, color="black" if light else "white")
+        if float(best["w1"]) == w:
+            a, b = alphas.index(float(best["sigma_alpha"])), betas.index(float(best["sigma_beta"]))
+            ax.add_patch(_rectangle(b - 0.5, a - 0.5))
+        ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], fontsize=10)
+        ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=10)
+        if i + ncols >= len(w1s):  # the bottom panel of its column
+            ax.set_xlabel("sigma_beta (RGB)", fontsize=10)
+        if i % ncols == 0:
+            ax.set_ylabel("sigma_alpha (px)", fontsize=10)
+        ax.set_title(f"w1 = {w:g}", fontsize=11)
+    for ax in axes[len(w1s):]:
+        ax.set_visible(False)
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes[: len(w1s)]), shrink=0.9)
+        bar.set_label(f"{objective_name} %", fontsize=10)
+    note = "; (x): dropped early, scored on fewer images" if partial else ""
+    fig.suptitle((title or f"CRF search: {objective_name} % per configuration (best outlined)") + note, fontsize=11)
+    return save_figure(fig, path)
+
+
+def _rectangle(x: float, y: float):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), 1, 1, fill=False, edgecolor="red", linewidth=2.5)
+
+
+def _percent(values: Sequence) -> list[float]:
+    # None marks an empty band; matplotlib leaves a gap for NaN
+    return [float("nan") if v is None else 100.0 * float(v) for v in values]
+
+
+def trimap_figure(curves: Mapping[str, Mapping], path: str | os.PathLike, *, title: str | None = None) -> list[Path]:
+    """The paper's Fig. 5 for several runs: pixel accuracy and mIoU against the trimap width, one curve
+    per (run, method); DCNN dashed, DCNN-CRF solid, one colour per run.
+
+    Args:
+        curves: a label such as ``"run-a DCNN-CRF"`` -> ``TrimapAccumulator.result()`` (``widths``,
+            ``pixel_accuracy``, ``miou``; fractions 0..1, None for empty bands). A label ending in
+            ``DCNN`` is drawn dashed.
+        path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
+        title: optional figure title.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ValueError: no curves, or a curve without ``widths``/``pixel_accuracy``/``miou``.
+    """
+    if not curves:
+        raise ValueError("trimap_figure: no curves")
+    fig = new_figure(11, 4.5)
+    axes = fig.subplots(1, 2)
+    colours = {}
+    for label, r in curves.items():
+        missing = [k for k in ("widths", "pixel_accuracy", "miou") if k not in r]
+        if missing:
+            raise ValueError(f"trimap_figure: curve {label!r} lacks {missing}")
+        run = label.rsplit(" ", 1)[0]
+        colour = colours.setdefault(run, f"C{len(colours) % 10}")
+        style = "--" if label.endswith("DCNN") else "-"
+        for ax, key in zip(axes, ("pixel_accuracy", "miou")):
+            ax.plot(r["widths"], _percent(r[key]), style, color=colour, marker=".", label=label)
+    for ax, ylabel in zip(axes, ("pixelwise accuracy %", "mean IOU %")):
+        ax.set_xlabel("trimap width (pixels)", fontsize=11)
+        ax.set_ylabel(ylabel, fontsize=11)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def class_names(num_classes: int) -> list[str]:
+    """The VOC class names of 0..num_classes-1 (``class<i>`` past the 21 VOC classes)."""
+    return [VOC_CLASSES[i] if i < len(VOC_CLASSES) else f"class{i}" for i in range(num_classes)]

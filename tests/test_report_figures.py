@@ -1,0 +1,108 @@
+"""The report tells what a run is in one sentence, and draws its figures (paper Fig. 4 qualitative rows,
+a readable CRF-search heatmap, the trimap) as PNG, PDF and SVG: on a real run of crf-demo on the sample."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deeplab_v1.cli import main, resolve_experiment
+from deeplab_v1.config import load_config
+from deeplab_v1.figures import FIGURE_FORMATS, search_heatmap
+from deeplab_v1.runner import Runner
+from deeplab_v1.stages.report import headline, qualitative_rows
+
+QUICK = ["data.max_test_images=3", "crf_search.num_images=3", "crf_search.w1=[3, 5]", "crf_search.sigma_alpha=[30]",
+         "crf_search.sigma_beta=[3, 5]", "crf.workers=1", "crf_search.workers=1"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Runner:
+    out = tmp_path_factory.mktemp("demo")
+    runner = Runner(load_config(resolve_experiment("crf-demo"), QUICK + [f"output_dir={out}"]), progress=False)
+    runner.run()
+    return runner
+
+
+def test_headline_says_what_the_run_is(tmp_path):
+    default = load_config(resolve_experiment(None), [f"output_dir={tmp_path / 'd'}"])
+    text = headline(default)
+    assert text.startswith("A pipeline check, not a result") and "random weights" in text
+    assert "62.25 / 67.64" in text and "train_aug" in text
+    assert headline(load_config(resolve_experiment("crf-demo"), [f"output_dir={tmp_path / 'c'}"])).startswith(
+        "DIAGNOSTIC run")
+    init = tmp_path / "init.pth"
+    init.write_bytes(b"")
+    real = headline(load_config(resolve_experiment(None), [f"output_dir={tmp_path / 'r'}", f"model.init={init}"]))
+    assert "pipeline check" not in real and "DIAGNOSTIC" not in real and "init.pth" in real
+
+
+def test_report_opens_with_the_headline_and_links_the_figures(demo_run):
+    report = demo_run.layout.report.read_text()
+    lines = report.splitlines()
+    metrics = json.loads(demo_run.layout.metrics.read_text())
+    assert lines[2] == f"**{headline(demo_run.cfg)}**" and "DIAGNOSTIC" in lines[2]
+    assert f"DCNN {100 * metrics['dcnn']['miou']:.2f} %" in lines[2]  # the run's own numbers in the sentence
+    for name in ("qualitative", "crf_search"):
+        assert f"(figures/{name}.png)" in report
+
+
+def test_every_figure_in_png_pdf_and_svg(demo_run):
+    folder = demo_run.layout.root / "figures"
+    for name in ("qualitative", "crf_search", "trimap"):
+        for fmt in FIGURE_FORMATS:
+            assert (folder / f"{name}.{fmt}").stat().st_size > 1000, (name, fmt)
+        assert (folder / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+        with Image.open(folder / f"{name}.png") as im:
+            assert im.width >= 600  # the 2 x 1 x 2 search grid of this run: 682 px
+    assert "DIAGNOSTIC" in (folder / "trimap.svg").read_text()
+
+
+def test_qualitative_rows_are_the_images_the_crf_changed_most_and_least(demo_run):
+    ctx = demo_run.ctx
+    rows = qualitative_rows(ctx, per_end=1)
+    assert len(rows) == 2
+    changes = {}
+    for s in ctx.test_samples():
+        dcnn = np.array(Image.open(ctx.layout.prediction("dcnn", s.id)))
+        crf = np.array(Image.open(ctx.layout.prediction("crf", s.id)))
+        changes[s.id] = float(np.mean(dcnn != crf))
+    ids = [r["caption"].split("\n")[0] for r in rows]
+    assert ids == [max(changes, key=changes.get), min(changes, key=changes.get)]
+    for r in rows:
+        assert r["image"].shape[:2] == r["gt"].shape == r["dcnn"].shape == r["crf"].shape
+        assert r["image"].dtype == np.uint8 and r["image"].shape[2] == 3
+    assert len(qualitative_rows(ctx)) == 3  # at most 2 x 2 rows: every one of the 3 images
+
+
+def test_run_prints_the_headline_last(demo_run, capsys):
+    out = str(demo_run.layout.root)
+    assert main(["run", "crf-demo", "--no-progress", *[x for o in QUICK + [f"output_dir={out}"] for x in ("--set", o)]]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == headline(demo_run.cfg)
+
+
+def test_heatmap_labels_every_cell_of_the_coarse_grid(tmp_path):
+    rows = [{"w1": w, "sigma_alpha": a, "sigma_beta": b, "objective": 0.4 + w / 100 + a / 1000 + b / 10000}
+            for w in (3, 5) for a in (30, 50) for b in (3, 5)]
+    rows.append({"w1": 4, "sigma_alpha": 40, "sigma_beta": 4, "objective": 0.9})  # a refined point, off the grid
+    rows.append({"w1": 3, "sigma_alpha": 30, "sigma_beta": 4, "objective": None})  # failed
+    written = search_heatmap(rows, tmp_path / "h.png", grid=([3, 5], [30, 50], [3, 5]))
+    assert [p.suffix for p in written] == [".png", ".pdf", ".svg"]
+    svg = written[2].read_text()
+    for r in rows[:8]:
+        assert f"{100 * r['objective']:.1f}" in svg
+    assert "90.0" not in svg and "w1 = 4" not in svg  # the off-grid point is left out
+    with pytest.raises(ValueError, match="no configuration"):
+        search_heatmap(rows[-1:], tmp_path / "none.png")
+    # successive halving: a configuration scored on fewer images is in parentheses and never the best
+    halved = [{**r, "images": 6} for r in rows[:8]]
+    halved[7] = {**halved[7], "images": 2, "objective": 0.99}
+    svg = search_heatmap(halved, tmp_path / "halved.png")[2].read_text()
+    assert "(99.0)" in svg and "dropped early" in svg and f"{100 * halved[0]['objective']:.1f}" in svg
+    # a spread under one point keeps two decimals (else neighbouring cells would read the same)
+    close = [{**r, "objective": 0.05 + i / 1000} for i, r in enumerate(rows[:8])]
+    svg = search_heatmap(close, tmp_path / "close.png")[2].read_text()
+    assert all(f"{5 + i / 10:.2f}" in svg for i in range(8))
