@@ -9,7 +9,6 @@ and saved by :func:`save_figure` as PNG, PDF and SVG side by side, atomically.
 from __future__ import annotations
 
 import io
-import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -191,86 +190,25 @@ def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, titl
 
 def search_heatmap(results: Sequence[Mapping], path: str | os.PathLike, *, objective_name: str = "mIoU",
                    grid: Sequence[Sequence[float]] | None = None, title: str | None = None) -> list[Path]:
-    """The CRF search as heatmaps that can be read: one panel per w1, sigma_beta across, sigma_alpha down,
-    each cell labelled with its objective in % (large type), the best cell outlined.
+    """The CRF search's heatmap (``crf.search.report.heatmap_figure``, the one drawing of it: one panel per
+    w1, cells labelled in %, the best outlined, halving's dropped configurations in parentheses) written
+    as PNG, PDF and SVG.
 
     Args:
-        results: one mapping per configuration with ``w1``, ``sigma_alpha``, ``sigma_beta`` and
-            ``objective`` (a fraction 0..1, or None for a failed configuration), e.g. the lines of
-            ``crf_search/results.jsonl``; optional ``images`` (how many it was scored on: those scored on
-            fewer than the most, dropped by successive halving, are shown in parentheses).
+        results: the lines of ``crf_search/results.jsonl`` (``w1``, ``sigma_alpha``, ``sigma_beta``,
+            ``objective`` as a fraction, optional ``images``).
         path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
-        objective_name: what ``objective`` is (for the colour bar).
-        grid: (w1 values, sigma_alpha values, sigma_beta values) to draw, e.g. the coarse grid (the
-            refinement's points off it are left out); default: every value the results hold.
-        title: optional figure title.
+        objective_name, grid, title: as ``heatmap_figure``'s.
 
     Returns:
-        The files written.
+        The files written, PNG first.
 
     Raises:
         ValueError: no configuration with an objective (on the grid).
     """
-    rows = [r for r in results if r.get("objective") is not None]
-    if grid is not None:
-        on = [set(float(v) for v in values) for values in grid]
-        rows = [r for r in rows if float(r["w1"]) in on[0] and float(r["sigma_alpha"]) in on[1]
-                and float(r["sigma_beta"]) in on[2]]
-    if not rows:
-        raise ValueError("search_heatmap: no configuration with an objective")
-    w1s = sorted({float(r["w1"]) for r in rows})
-    alphas = sorted({float(r["sigma_alpha"]) for r in rows})
-    betas = sorted({float(r["sigma_beta"]) for r in rows})
-    grids = {w: np.full((len(alphas), len(betas)), np.nan) for w in w1s}
-    for r in rows:
-        grids[float(r["w1"])][alphas.index(float(r["sigma_alpha"])), betas.index(float(r["sigma_beta"]))] = 100 * r["objective"]
-    # successive halving scores the configurations it drops on fewer images: shown in parentheses, never best
-    most = max(int(r.get("images") or 0) for r in rows)
-    partial = {(float(r["w1"]), float(r["sigma_alpha"]), float(r["sigma_beta"])) for r in rows
-               if int(r.get("images") or 0) < most}
-    best = max(rows, key=lambda r: (int(r.get("images") or 0), r["objective"]))
-    values = np.concatenate([g.ravel() for g in grids.values()])
-    lo, hi = np.nanmin(values), np.nanmax(values)
-    ncols = min(len(w1s), 3)
-    nrows = math.ceil(len(w1s) / ncols)
-    cw, ch = 0.75, 0.5  # inches per cell: room for a 10 pt label
-    fig = new_figure(max(4.5, ncols * (len(betas) * cw + 1.0) + 1.2), nrows * (len(alphas) * ch + 1.1) + 0.5,
-                     layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
-    image = None
-    for i, (ax, w) in enumerate(zip(axes, w1s)):
-        g = grids[w]
-        image = ax.imshow(g, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, aspect="auto")
-        for (a, b), v in np.ndenumerate(g):
-            if not np.isnan(v):
-                light = (v - lo) / (hi - lo) > 0.6 if hi > lo else True
-                shown = f"{v:.2f}" if hi - lo < 1 else f"{v:.1f}"  # a spread under 1 point needs the 2nd digit
-                text = f"({shown})" if (w, alphas[a], betas[b]) in partial else shown
-                ax.text(b, a, text, ha="center", va="center", fontsize=10, color="black" if light else "white")
-        if float(best["w1"]) == w:
-            a, b = alphas.index(float(best["sigma_alpha"])), betas.index(float(best["sigma_beta"]))
-            ax.add_patch(_rectangle(b - 0.5, a - 0.5))
-        ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], fontsize=10)
-        ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=10)
-        if i + ncols >= len(w1s):  # the bottom panel of its column
-            ax.set_xlabel("sigma_beta (RGB)", fontsize=10)
-        if i % ncols == 0:
-            ax.set_ylabel("sigma_alpha (px)", fontsize=10)
-        ax.set_title(f"w1 = {w:g}", fontsize=11)
-    for ax in axes[len(w1s):]:
-        ax.set_visible(False)
-    if image is not None:
-        bar = fig.colorbar(image, ax=list(axes[: len(w1s)]), shrink=0.9)
-        bar.set_label(f"{objective_name} %", fontsize=10)
-    note = "; (x): dropped early, scored on fewer images" if partial else ""
-    fig.suptitle((title or f"CRF search: {objective_name} % per configuration (best outlined)") + note, fontsize=11)
-    return save_figure(fig, path)
+    from crf.search.report import heatmap_figure
 
-
-def _rectangle(x: float, y: float):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((x, y), 1, 1, fill=False, edgecolor="red", linewidth=2.5)
+    return save_figure(heatmap_figure(results, grid=grid, objective_name=objective_name, title=title), path)
 
 
 def _percent(values: Sequence) -> list[float]:

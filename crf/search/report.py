@@ -6,15 +6,16 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..errors import CRFInputError
 from ..params import CRFParams
 from .config import SearchConfig, param_key
 
-__all__ = ["rank_key", "best_of", "ranked_rows", "ranked_markdown", "heatmap_png", "best_json", "write_outputs"]
+__all__ = ["rank_key", "best_of", "ranked_rows", "ranked_markdown", "heatmap_figure", "heatmap_png", "best_json", "write_outputs"]
 
 
 def rank_key(rec: dict) -> tuple:
@@ -75,63 +76,109 @@ def ranked_markdown(rows: list[dict], key: dict, images: int, callable_objective
     return "\n".join(lines) + "\n"
 
 
-def heatmap_png(config: SearchConfig, records: dict[tuple, dict], best: CRFParams, title: str,
-                images: int | None = None) -> bytes:
-    """``heatmap.png``: one panel per w1 of the coarse grid, the objective over sigma_alpha x sigma_beta
-    (only configurations scored on all ``images``; successive halving's dropped ones stay blank)."""
-    # the object-oriented API with an explicit Agg canvas: no pyplot, no global backend switch
+def heatmap_figure(results: Sequence[Mapping], *, grid: Sequence[Sequence[float]] | None = None,
+                   objective_name: str = "mIoU", title: str | None = None,
+                   best: tuple[float, float, float] | None = None, percent: bool = True):
+    """The CRF search as heatmaps that can be read (the one drawing of the search: ``heatmap.png`` here,
+    the report's ``figures/crf_search.*`` in deeplab_v1): one panel per w1, sigma_beta across, sigma_alpha
+    down, each cell labelled with its objective in large type, the best cell outlined in red.
+
+    Args:
+        results: one mapping per configuration with ``w1``, ``sigma_alpha``, ``sigma_beta`` and
+            ``objective`` (a fraction 0..1 when ``percent``, or None for a failed configuration), e.g. the
+            lines of ``results.jsonl``; optional ``images`` (how many it was scored on: those scored on
+            fewer than the most, dropped by successive halving, are shown in parentheses).
+        grid: (w1 values, sigma_alpha values, sigma_beta values) to draw, e.g. the coarse grid (the
+            refinement's points off it are left out); default: every value the results hold.
+        objective_name: what ``objective`` is (for the colour bar).
+        title: the figure's title (default: one naming the objective).
+        best: (w1, sigma_alpha, sigma_beta) to outline; default: the best of those scored on most images.
+        percent: show objectives x 100 (false for a callable objective's own scale).
+
+    Returns:
+        A ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot, no global backend switch).
+
+    Raises:
+        CRFInputError (a ValueError): no configuration with an objective (on the grid).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
-    w1s, sas, sbs = config.w1, config.sigma_alpha, config.sigma_beta
-    grid = np.full((len(w1s), len(sas), len(sbs)), np.nan)
-    for i, a in enumerate(w1s):
-        for j, b in enumerate(sas):
-            for k, c in enumerate(sbs):
-                rec = records.get(param_key(config.params(a, b, c)))
-                if rec is not None and rec.get("objective") is not None and (
-                        images is None or int(rec.get("images", 0)) >= images):
-                    grid[i, j, k] = rec["objective"]
-    scale = 1.0 if callable(config.objective) else 100.0
-    grid *= scale
-    finite = grid[np.isfinite(grid)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    ncols = min(3, len(w1s))
+    rows = [r for r in results if r.get("objective") is not None]
+    if grid is not None:
+        on = [set(float(v) for v in values) for values in grid]
+        rows = [r for r in rows if float(r["w1"]) in on[0] and float(r["sigma_alpha"]) in on[1]
+                and float(r["sigma_beta"]) in on[2]]
+    if not rows:
+        raise CRFInputError("search heatmap: no configuration with an objective")
+    scale = 100.0 if percent else 1.0
+    w1s = sorted({float(r["w1"]) for r in rows})
+    alphas = sorted({float(r["sigma_alpha"]) for r in rows})
+    betas = sorted({float(r["sigma_beta"]) for r in rows})
+    grids = {w: np.full((len(alphas), len(betas)), np.nan) for w in w1s}
+    for r in rows:
+        grids[float(r["w1"])][alphas.index(float(r["sigma_alpha"])), betas.index(float(r["sigma_beta"]))] = (
+            scale * r["objective"])
+    # successive halving scores the configurations it drops on fewer images: shown in parentheses, never best
+    most = max(int(r.get("images") or 0) for r in rows)
+    partial = {(float(r["w1"]), float(r["sigma_alpha"]), float(r["sigma_beta"])) for r in rows
+               if int(r.get("images") or 0) < most}
+    if best is None:
+        top = max(rows, key=lambda r: (int(r.get("images") or 0), r["objective"]))
+        best = (float(top["w1"]), float(top["sigma_alpha"]), float(top["sigma_beta"]))
+    values = np.concatenate([g.ravel() for g in grids.values()])
+    lo, hi = np.nanmin(values), np.nanmax(values)
+    ncols = min(len(w1s), 3)
     nrows = math.ceil(len(w1s) / ncols)
-    fig = Figure(figsize=(5.0 * ncols + 1.4, 4.2 * nrows + 1.0))
+    cw, ch = 0.75, 0.5  # inches per cell: room for a 10 pt label
+    fig = Figure(figsize=(max(4.5, ncols * (len(betas) * cw + 1.0) + 1.2), nrows * (len(alphas) * ch + 1.1) + 0.5),
+                 layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    fig.subplots_adjust(left=0.07, right=0.84, bottom=0.1, top=0.88, wspace=0.25, hspace=0.4)
-    im = None
-    starred = False
-    annotate = len(sas) * len(sbs) <= 64  # numbers stay legible up to the paper's 6 x 8 panels
-    for i, a in enumerate(w1s):
-        ax = axes[i // ncols][i % ncols]
-        im = ax.imshow(grid[i], origin="lower", aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis")
-        ax.set_xticks(range(len(sbs)), [f"{v:g}" for v in sbs])
-        ax.set_yticks(range(len(sas)), [f"{v:g}" for v in sas])
-        if i // ncols == nrows - 1 or i + ncols >= len(w1s):
-            ax.set_xlabel("sigma_beta (RGB)")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    image = None
+    outlined = False
+    for i, (ax, w) in enumerate(zip(axes, w1s)):
+        g = grids[w]
+        image = ax.imshow(g, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, aspect="auto")
+        for (a, b), v in np.ndenumerate(g):
+            if not np.isnan(v):
+                light = (v - lo) / (hi - lo) > 0.6 if hi > lo else True
+                shown = f"{v:.2f}" if hi - lo < 1 else f"{v:.1f}"  # a spread under 1 point needs the 2nd digit
+                text = f"({shown})" if (w, alphas[a], betas[b]) in partial else shown
+                ax.text(b, a, text, ha="center", va="center", fontsize=10, color="black" if light else "white")
+        if float(best[0]) == w and float(best[1]) in alphas and float(best[2]) in betas:
+            a, b = alphas.index(float(best[1])), betas.index(float(best[2]))
+            ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+            outlined = True
+        ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], fontsize=10)
+        ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=10)
+        if i + ncols >= len(w1s):  # the bottom panel of its column
+            ax.set_xlabel("sigma_beta (RGB)", fontsize=10)
         if i % ncols == 0:
-            ax.set_ylabel("sigma_alpha (px)")
-        ax.set_title(f"w1 = {a:g}")
-        if annotate:
-            for j in range(len(sas)):
-                for k in range(len(sbs)):
-                    if np.isfinite(grid[i, j, k]):
-                        ax.text(k, j, f"{grid[i, j, k]:.1f}" if scale == 100.0 else f"{grid[i, j, k]:.3g}",
-                                ha="center", va="center", fontsize=9, color="w")
-        if best.w1 == a and best.sigma_alpha in sas and best.sigma_beta in sbs:
-            ax.scatter([sbs.index(best.sigma_beta)], [sas.index(best.sigma_alpha)], marker="*", s=160,
-                       facecolors="none", edgecolors="r")
-            starred = True
-    for i in range(len(w1s), nrows * ncols):
-        axes[i // ncols][i % ncols].axis("off")
-    if im is not None:
-        fig.colorbar(im, cax=fig.add_axes((0.87, 0.1, 0.02, 0.78)), label=title)
-    where = "red star" if starred else "a refined point, off this grid"
-    fig.suptitle(f"coarse grid: {title}; best: w1={best.w1:g}, sigma_alpha={best.sigma_alpha:g}, "
-                 f"sigma_beta={best.sigma_beta:g} ({where})")
+            ax.set_ylabel("sigma_alpha (px)", fontsize=10)
+        ax.set_title(f"w1 = {w:g}", fontsize=11)
+    for ax in axes[len(w1s):]:
+        ax.set_visible(False)
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes[: len(w1s)]), shrink=0.9)
+        bar.set_label(f"{objective_name}{' %' if percent else ''}", fontsize=10)
+    note = "; (x): dropped early, scored on fewer images" if partial else ""
+    where = "" if outlined else f"; best w1={best[0]:g}, sigma_alpha={best[1]:g}, sigma_beta={best[2]:g} (refined, off this grid)"
+    fig.suptitle((title or f"CRF search: {objective_name} per configuration (best outlined)") + note + where,
+                 fontsize=11)
+    return fig
+
+
+def heatmap_png(config: SearchConfig, records: dict[tuple, dict], best: CRFParams, title: str) -> bytes:
+    """``heatmap.png`` of the coarse grid: ``heatmap_figure`` of the records (those scored on fewer images
+    than the most, dropped by successive halving, in parentheses), ``best`` outlined."""
+    rows = [{**rec["params"], "objective": rec.get("objective"), "images": rec.get("images")}
+            for rec in records.values()]
+    fig = heatmap_figure(rows, grid=(config.w1, config.sigma_alpha, config.sigma_beta),
+                         objective_name=title.replace(" (%)", ""),
+                         title=f"coarse grid: {title}, best outlined",
+                         best=(best.w1, best.sigma_alpha, best.sigma_beta), percent=not callable(config.objective))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
@@ -159,7 +206,7 @@ def write_outputs(out_dir: Path, config: SearchConfig, key: dict, records: dict[
         title = f"{title} [{config.label}]"
     table = ranked_markdown(rows, key, images, callable(config.objective), config.label)
     atomic_write_text(out_dir / "ranked.md", table)
-    atomic_write_bytes(out_dir / "heatmap.png", heatmap_png(config, records, best, title, images))
+    atomic_write_bytes(out_dir / "heatmap.png", heatmap_png(config, records, best, title))
     scored: dict[str, int] = {}
     for r in rows:
         scored[str(r["images"])] = scored.get(str(r["images"]), 0) + 1
