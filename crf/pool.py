@@ -18,13 +18,22 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable, Optional
 from .errors import CRFInputError
 
-__all__ = ["resolve_workers", "worker_threads", "watch_parent", "worker_init", "make_executor", "InlineExecutor"]
+__all__ = ["available_cores", "resolve_workers", "worker_threads", "watch_parent", "worker_init", "make_executor", "InlineExecutor"]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, else ``os.cpu_count()``):
+    the one count every default of the distribution (CRF workers, threads, loader and check workers)
+    starts from."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def resolve_workers(workers: int | None) -> int:
-    """``None`` -> ``os.cpu_count()``; otherwise an integer >= 1 (ValueError names a bad value)."""
+    """``None`` -> ``available_cores()``; otherwise an integer >= 1 (ValueError names a bad value)."""
     if workers is None:
-        return os.cpu_count() or 1
+        return available_cores()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise CRFInputError(f"workers must be None or an integer >= 1, got {workers!r}")
     return workers
@@ -33,7 +42,7 @@ def resolve_workers(workers: int | None) -> int:
 def worker_threads(workers: int, processes_per_machine: int = 1) -> int:
     """Threads per worker: the cores shared among ``workers`` x ``processes_per_machine`` (e.g. torchrun's
     local ranks) processes, at least 1."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers * processes_per_machine))
+    return max(1, available_cores() // max(1, workers * processes_per_machine))
 
 
 def watch_parent(parent_pid: int, interval: float = 0.5) -> threading.Thread:

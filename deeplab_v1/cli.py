@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "best (crf_search/best.json beside the checkpoint's run) or the release's LargeFOV values")
     p.add_argument("--out", required=True, help="output folder: dcnn/, crf/, overlay/, predict.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--crf-backend", help="pydensecrf, torch or auto (default: auto where the crf package has it, "
-                   "else torch on CUDA and pydensecrf on the CPU)")
+    p.add_argument("--crf-backend", help="auto (default: torch when it fits the memory budget, else pydensecrf), "
+                   "torch or pydensecrf")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--size", type=int, help="test padding in pixels (default: the release's, 513 or 514)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

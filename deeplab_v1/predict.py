@@ -48,8 +48,8 @@ from .weights.checkpoint import checkpoint_state_dict, load_checkpoint
 __all__ = ["PredictError", "Predictor", "load_predictor", "parse_params", "crf_params_for", "predict_images"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-#: The CRF backends ``--crf-backend`` takes (``"auto"`` where ``crf`` offers it: torch when it fits, else pydensecrf).
-CRF_BACKENDS: tuple[str, ...] = tuple(getattr(crf_inputs, "BACKEND_CHOICES", crf_inputs.BACKENDS))
+#: The CRF backends ``--crf-backend`` takes (``crf.inputs.BACKEND_CHOICES``; ``auto``: torch when it fits).
+CRF_BACKENDS: tuple[str, ...] = tuple(crf_inputs.BACKEND_CHOICES)
 
 
 class PredictError(DeepLabError, ValueError):
@@ -174,8 +174,11 @@ def crf_params_for(weights: Path, params: Optional[str] = None) -> tuple[CRFPara
     return out, origin + (" with --params" if params else "")
 
 
-def check_images(paths: Sequence[str | Path]) -> list[Path]:
+def check_images(paths: Sequence[str | Path]) -> dict[Path, tuple[int, int]]:
     """Every image exists, is a JPEG/PNG that decodes, and has a stem of its own (the output names).
+
+    Returns:
+        Each image's (height, width) in pixels, in the given order.
 
     Raises:
         PredictError: no image; two images with the same file stem; DataError (a DeepLabError): a missing
@@ -183,16 +186,16 @@ def check_images(paths: Sequence[str | Path]) -> list[Path]:
     """
     if not paths:
         raise PredictError("no image given")
-    out = [Path(p) for p in paths]
+    sizes: dict[Path, tuple[int, int]] = {}
     seen: dict[str, Path] = {}
-    for p in out:
+    for p in (Path(p) for p in paths):
         if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES:
             raise PredictError(f"{p}: not a JPEG or PNG file (expected {', '.join(IMAGE_SUFFIXES)})")
-        read_image(p)  # DataError names the file
+        sizes[p] = read_image(p).shape[:2]  # DataError names the file
         if p.stem in seen and seen[p.stem] != p:
             raise PredictError(f"{p} and {seen[p.stem]} share the name {p.stem!r}; their outputs would collide")
         seen[p.stem] = p
-    return out
+    return sizes
 
 
 def _batches(paths: list[Path], images: dict[Path, tuple[int, int]], size: int, multiple: int,
@@ -221,8 +224,8 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
         use_crf: also run the fully connected CRF.
         params: ``--params`` text, e.g. ``w1=5,sigma_alpha=50``.
         device: ``cpu``, ``cuda`` or None (CUDA when available).
-        crf_backend: one of ``CRF_BACKENDS`` (default: ``auto`` where ``crf`` has it, else ``torch`` on
-            CUDA and ``pydensecrf`` on the CPU).
+        crf_backend: one of ``CRF_BACKENDS`` (default ``auto``: the torch backend when it fits the
+            memory budget, else pydensecrf; ``crf.backend_choice``).
         batch_size: images per forward pass (>= 1).
 
     Returns:
@@ -236,15 +239,13 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
     if crf_backend is not None and crf_backend not in CRF_BACKENDS:
         raise PredictError(f"--crf-backend must be one of {', '.join(CRF_BACKENDS)}, got {crf_backend!r}")
-    files = check_images(paths)
+    sizes = check_images(paths)
+    files = list(sizes)
     pred = load_predictor(weights, model=model, num_classes=num_classes, device=device, size=size)
     crf_params, origin = crf_params_for(pred.checkpoint, params) if use_crf else (None, None)
-    backend = crf_backend or ("auto" if "auto" in CRF_BACKENDS else "torch" if pred.device.type == "cuda" else "pydensecrf")
+    backend = crf_backend or "auto"
     crf_device = str(pred.device) if backend != "pydensecrf" else "cpu"
     out = Path(out)
-    sizes = {}
-    for p in files:
-        sizes[p] = read_image(p).shape[:2]
     record = {"checkpoint": str(pred.checkpoint), "model": pred.name, "num_classes": pred.num_classes,
               "device": str(pred.device), "test_size": pred.size,
               "crf": None if crf_params is None else {"params": crf_params.to_dict(), "from": origin, "backend": backend},

@@ -13,27 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crf import CRFParams
 from crf.confusion import miou
 from crf.input_files import write_search_input
 from crf.search import SearchConfig, run_search
 from crf.search.evaluate import image_order
 from deeplab_v1.data.degraded import degraded_probs
+from search_helpers import Bowl
 
 NUM_CLASSES = 21
-
-
-class Bowl:
-    """A smooth objective with its maximum at ``optimum``; counts the configurations it scores."""
-
-    def __init__(self, optimum):
-        self.optimum = optimum
-        self.calls: list[tuple] = []
-
-    def __call__(self, p: CRFParams) -> float:
-        self.calls.append((p.w1, p.sigma_alpha, p.sigma_beta))
-        a, b, c = self.optimum
-        return -((p.w1 - a) ** 2 + ((p.sigma_alpha - b) / 10) ** 2 + (p.sigma_beta - c) ** 2)
 
 
 def test_schedule_grows_by_eta_and_ends_on_every_image():

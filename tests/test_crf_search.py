@@ -21,6 +21,7 @@ from crf.confusion import confusion, miou, per_class_iou, pixel_accuracy
 from crf.input_files import write_search_input
 from crf.search import SearchConfig, read_results, run_search, subset_hash
 from deeplab_v1.data.degraded import degraded_probs
+from search_helpers import Bowl
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 21
@@ -153,19 +154,6 @@ def test_search_config_from_dict_names_unknown_keys():
 
 
 # --- search logic on a synthetic objective (no CRF is run) ---------------------------------------------
-
-
-class Bowl:
-    """A smooth objective with its maximum at ``optimum``; counts the configurations it scores."""
-
-    def __init__(self, optimum):
-        self.optimum = optimum
-        self.calls: list[tuple] = []
-
-    def __call__(self, p: CRFParams) -> float:
-        self.calls.append((p.w1, p.sigma_alpha, p.sigma_beta))
-        a, b, c = self.optimum
-        return -((p.w1 - a) ** 2 + ((p.sigma_alpha - b) / 10) ** 2 + (p.sigma_beta - c) ** 2)
 
 
 def _ids(tmp_path, names):

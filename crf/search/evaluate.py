@@ -23,7 +23,7 @@ from ..dense import dense_crf_pydensecrf
 from ..input_files import load_search_input
 from ..inputs import check_inputs
 from ..params import CRFParams
-from ..pool import InlineExecutor, make_executor, worker_threads
+from ..pool import InlineExecutor, available_cores, make_executor, worker_threads
 from ..trimap import trimap_band
 from .config import SearchConfig, param_key
 from .dist import Distributed
@@ -229,7 +229,7 @@ class Evaluator:
                 raise ValueError(f"search input file {files[0]}: key 'probs' must be (C, H, W), got shape {shape}")
             self.num_classes = int(shape[0])
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.world > 1 else 1
-            cpus = os.cpu_count() or 1
+            cpus = available_cores()
             # CUDA: this (the GPU-owning) process runs everything, no CPU pool (issue #13 item 6)
             cuda = backend == "torch" and device.startswith("cuda")
             self.workers = 1 if cuda else (config.workers or max(1, cpus // local))

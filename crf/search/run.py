@@ -17,6 +17,7 @@ from .dist import Distributed
 from .evaluate import Evaluator
 from ..backend_choice import BackendChoice, resolve_backend
 from ..input_files import array_shape
+from ..pool import available_cores
 from .report import best_of, rank_key, ranked_rows, write_outputs
 from .store import RESULTS_FILE, cut_torn_tail, read_results, search_key, subset_hash
 from ..errors import CRFInputError
@@ -123,7 +124,7 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
     else:
         shapes = [array_shape(f, "probs") for f in files]
         choice = resolve_backend(config.backend, config.device, shapes, memory_mb=config.memory_mb,
-                                 processes=config.workers or (os.cpu_count() or 1), configs=len(config.w1))
+                                 processes=config.workers or available_cores(), configs=len(config.w1))
     key = search_key(config, subset, choice.backend)
     results = out_dir / RESULTS_FILE
     dist = Distributed.from_env()

@@ -6,11 +6,11 @@ remembered by file size and mtime in a cache file so that a 10,582-image list is
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
+from crf.pool import available_cores
 from tqdm import tqdm
 
 from ..atomic import atomic_write_json
@@ -69,7 +69,7 @@ def check_samples(samples: Sequence[Sample], num_classes: int, *, cache: Optiona
         key_of[id(s)] = (key, stamp)
         if known.get(key) != stamp:
             todo.append(s)
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(workers or available_cores()) as pool:
         results = list(tqdm(pool.map(lambda s: _check_one(s, num_classes), todo), total=len(todo),
                             desc="check data", disable=not progress or not todo, dynamic_ncols=True))
     problems = [r for r in results if r is not None]

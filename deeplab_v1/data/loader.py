@@ -13,12 +13,12 @@ and a run resumed at position P (with any world size) continues the same stream.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from crf.pool import available_cores
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import TrainDataset
@@ -100,7 +100,7 @@ def default_workers(requested: Optional[int], local_world: int = 1) -> int:
     left to this rank after its own process, at most 8 (one per core on a 2-core machine)."""
     if requested is not None:
         return int(requested)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     return max(1, min(8, cores // max(1, local_world) - 1))
 
 
