@@ -18,7 +18,8 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable, Optional
 from .errors import CRFInputError
 
-__all__ = ["available_cores", "resolve_workers", "worker_threads", "watch_parent", "worker_init", "make_executor", "InlineExecutor"]
+__all__ = ["available_cores", "resolve_workers", "worker_threads", "watch_parent", "worker_init", "make_executor",
+           "InlineExecutor"]
 
 
 def available_cores() -> int:
