@@ -28,7 +28,7 @@ from .input_files import load_crf_input
 from .backend_choice import resolve_backend
 from .inputs import check_backend, check_inputs
 from .params import CRFParams
-from .pool import make_executor, resolve_workers, worker_threads
+from .pool import default_workers, make_executor, resolve_workers, worker_threads
 from .errors import CRFInputError, CRFTaskError
 
 __all__ = ["CRFTask", "CRFRunSummary", "load_crf_input", "load_sample", "write_label_atomic", "run_crf_many",
@@ -224,8 +224,8 @@ def _run_in_process(todo: list[CRFTask], params: CRFParams, backend: str, device
                 bar.update()
                 continue
             pixels = sum(b[2].shape[1] * b[2].shape[2] for b in batch) + probs.shape[1] * probs.shape[2]
-            if batch and torch_memory_mb(pixels, probs.shape[0]) > budget:
-                flush()
+            if batch and (torch_memory_mb(pixels, probs.shape[0]) > budget or not device.startswith("cuda")):
+                flush()  # batches on CUDA only: on CPU one image per call was faster
             batch.append((task, image, probs))
         flush()
     return crf_seconds, counts
@@ -237,16 +237,18 @@ def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | 
                  memory_mb: float | None = None) -> CRFRunSummary:
     """Run the CRF on every task, in parallel over images, skipping tasks whose output exists.
 
-    Layouts: on CPU, ``workers`` processes of one thread each for pydensecrf and torch alike (one
-    single-threaded torch process per core beat one process of all cores' threads, most of all on a
-    loaded machine; ``tools/bench_crf_search.py`` measures both). With a CUDA ``device`` (torch or auto),
-    or one worker and the torch backend, this process runs every image itself, in batches
-    (``dense_crf_torch_batch``) bounded by ``memory_mb``: one GPU-owning process and no CPU pool.
+    Layouts: ``workers`` processes of one thread each, or this process alone. With a CUDA ``device``
+    (torch or auto), or one worker and the torch backend, this process runs every image itself (on CUDA in
+    batches, ``dense_crf_torch_batch``, bounded by ``memory_mb``; on CPU one image at a time with every
+    core's threads): one GPU-owning process and no CPU pool. ``workers=None`` takes
+    :func:`crf.pool.default_workers`: this process on an idle machine for torch, one process per core for
+    pydensecrf or on a loaded machine (``tools/bench_crf_search.py`` measures both layouts).
 
     Args:
         tasks: :class:`CRFTask` items (CRF input file ``.npz`` -> label ``.png``/``.npy``).
         params: the CRF parameters, the same for every image.
-        workers: worker processes (``spawn``); ``None`` -> ``os.cpu_count()``; ``1`` runs in this process.
+        workers: worker processes (``spawn``); ``None`` -> :func:`crf.pool.default_workers`; ``1`` runs in
+            this process.
         backend, device: as for :func:`crf.dense.dense_crf` (``"auto"``: per image, torch when it fits
             ``memory_mb``, else pydensecrf; ``summary.backends`` counts which ran).
         progress: show a tqdm bar and print the summary line.
@@ -268,6 +270,10 @@ def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | 
     resolve_backend(backend, device, [], memory_mb=memory_mb)  # checks memory_mb
     if not isinstance(params, CRFParams):
         raise CRFInputError(f"params must be a crf.CRFParams, got {type(params).__name__}")
+    if workers is None:
+        from .backend_choice import torch_available
+
+        workers = default_workers(backend if torch_available() else "pydensecrf", device)[0]
     workers = resolve_workers(workers)
     tasks = list(tasks)
     for t in tasks:
@@ -282,7 +288,7 @@ def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | 
     counts: dict[str, int] = {}
     in_process = backend != "pydensecrf" and (device.startswith("cuda") or workers == 1)
     if in_process:
-        layout = f"in-process batches on {device}"
+        layout = f"in-process batches on {device}" if device.startswith("cuda") else "in-process on cpu"
     elif workers == 1 or len(todo) <= 1:
         layout = "1 process (this one)"
     else:

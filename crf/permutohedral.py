@@ -153,10 +153,13 @@ class PermutohedralLattice:
         rem0 = rounded * up
         excess = rounded.sum(dim=1).to(torch.int64)  # sum of coordinates / (d+1), off the plane
         residual = elevated - rem0
-        less = residual[:, :, None] < residual[:, None, :]  # [n, i, j]: residual_i < residual_j
-        upper = torch.ones(d + 1, d + 1, dtype=torch.bool, device=device).triu(1)
-        rank = (less & upper).sum(dim=2) + ((~less) & upper).sum(dim=1)
-        rank = rank + excess[:, None]
+        # rank_x = #{y > x: r_y > r_x} + #{y < x: r_y >= r_x}, one comparison per pair of coordinates
+        rank = excess[:, None].repeat(1, d + 1)
+        for x in range(d):
+            for y in range(x + 1, d + 1):
+                later_larger = residual[:, x] < residual[:, y]
+                rank[:, x] += later_larger
+                rank[:, y] += ~later_larger
         wrap = (rank < 0).to(torch.int64) - (rank > d).to(torch.int64)
         rank = rank + wrap * (d + 1)
         rem0 = rem0 + wrap.to(torch.float32) * up
@@ -206,7 +209,12 @@ class PermutohedralLattice:
         # One stable sort of the vertex codes gives the unique lattice points, each vertex's lattice
         # index, and the splat bags (vertices grouped by lattice point).
         flat = codes.reshape(-1)
-        sorted_codes, order = torch.sort(flat, stable=True)
+        if strides[-1] * n_segments < 2**31:
+            # the same order from a sort of int32 codes, which is about 2.5x faster on CPU
+            sorted_codes, order = torch.sort(flat.to(torch.int32), stable=True)
+            sorted_codes = sorted_codes.to(torch.int64)
+        else:
+            sorted_codes, order = torch.sort(flat, stable=True)
         first = torch.ones_like(sorted_codes, dtype=torch.bool)
         first[1:] = sorted_codes[1:] != sorted_codes[:-1]
         lattice_of_sorted = torch.cumsum(first, dim=0) - 1

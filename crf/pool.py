@@ -18,8 +18,18 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable, Optional
 from .errors import CRFInputError
 
-__all__ = ["available_cores", "resolve_workers", "worker_threads", "watch_parent", "worker_init", "make_executor",
-           "InlineExecutor"]
+__all__ = ["available_cores", "resolve_workers", "worker_threads", "default_workers", "IDLE_LOAD_PER_CORE",
+           "watch_parent", "worker_init", "make_executor", "InlineExecutor"]
+
+#: Below this 1-minute load average per core the torch backend on CPU runs in this process with every core's
+#: threads; at or above it, one single-threaded process per core. Measured by ``tools/bench_crf_search.py``
+#: (VOC val images, the paper's grid, 2 cores): one process of 2 threads gave 3.5-3.9 configuration x image
+#: pairs per second against 3.1 for two single-threaded processes when idle, and 3.65 against 3.00 at a load
+#: average of 2.1 (the lattices of two processes compete for the shared cache); at a load average of 5-7 the
+#: threaded process fell to 0.78x pydensecrf on every core and the two processes held 1.72x (a busy core
+#: stalls the other half of every op of the threaded process, while separate processes carry on). The load
+#: average counts this process's own recent work too, hence a threshold above one per core.
+IDLE_LOAD_PER_CORE = 1.5
 
 
 def available_cores() -> int:
@@ -44,6 +54,35 @@ def worker_threads(workers: int, processes_per_machine: int = 1) -> int:
     """Threads per worker: the cores shared among ``workers`` x ``processes_per_machine`` (e.g. torchrun's
     local ranks) processes, at least 1."""
     return max(1, available_cores() // max(1, workers * processes_per_machine))
+
+
+def default_workers(backend: str, device: str = "cpu", processes_per_machine: int = 1) -> tuple[int, str]:
+    """The CRF worker processes when none are configured, and why (for the records).
+
+    pydensecrf (single-threaded C++): one process per core. torch on CUDA: 1 (this, the GPU-owning
+    process). torch (or ``auto``) on CPU: 1 -- this process, with every core's threads -- while the
+    1-minute load average per core is below :data:`IDLE_LOAD_PER_CORE`, else one process per core. Cores
+    are :func:`available_cores` shared among ``processes_per_machine`` (torchrun's local ranks). The layout
+    never changes a result: every layout computes the same labels.
+
+    Returns:
+        (workers >= 1, a one-line reason).
+    """
+    cores = max(1, available_cores() // max(1, processes_per_machine))
+    if backend == "pydensecrf":
+        return cores, "pydensecrf: one single-threaded process per core"
+    if device.startswith("cuda"):
+        return 1, "torch on CUDA: this process"
+    if cores == 1:
+        return 1, "one core"
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # pragma: no cover - no load average on this OS
+        return cores, "torch on CPU: no load average here, one process per core"
+    per_core = load / max(1, available_cores())
+    if per_core < IDLE_LOAD_PER_CORE:
+        return 1, f"torch on CPU, load average {load:.2f} on {available_cores()} cores: this process, every core's threads"
+    return cores, f"torch on CPU, load average {load:.2f} on {available_cores()} cores: one process per core"
 
 
 def watch_parent(parent_pid: int, interval: float = 0.5) -> threading.Thread:

@@ -159,7 +159,8 @@ class CRFConfig:
     parameters, those are used instead (the report says which). ``backend``: ``auto`` (the torch
     backend when it is installed and the inputs fit ``memory_mb``, else pydensecrf; the choice is
     recorded), ``pydensecrf`` (the reference) or ``torch``; ``device`` of the torch backend;
-    ``workers`` CPU processes (null: from the core count); ``memory_mb`` the memory budget of one
+    ``workers`` CPU processes (null: ``crf.pool.default_workers``, this process with every core's threads
+    for torch on an idle machine, else one process per core); ``memory_mb`` the memory budget of one
     batch of the torch backend (null: a default from the device).
     """
 

@@ -140,11 +140,11 @@ def _crf_tasks(folder: Path, n: int = 4) -> list[CRFTask]:
     return tasks
 
 
-def test_run_crf_many_in_process_batches_equal_one_image_at_a_time(tmp_path):
+def test_run_crf_many_in_process_equals_one_image_per_worker(tmp_path):
     p = CRFParams(5, 20, 5)
     batched = _crf_tasks(tmp_path / "a")
     s1 = run_crf_many(batched, p, workers=1, backend="torch", progress=False)
-    assert s1.backends == {"torch": 4} and s1.layout == "in-process batches on cpu"
+    assert s1.backends == {"torch": 4} and s1.layout == "in-process on cpu"
     single = _crf_tasks(tmp_path / "b")
     s2 = run_crf_many(single, p, workers=2, backend="auto", progress=False)
     assert s2.backends == {"torch": 4} and s2.layout == "2 processes x 1 thread"
@@ -213,3 +213,40 @@ def test_search_on_cuda_runs_in_process_and_equals_cpu(search_files, tmp_path):
     assert json.loads((tmp_path / "g" / "best.json").read_text())["layout"].startswith("in-process on cuda")
     for rg, rc in zip(g.rows, c.rows):
         assert rg["miou"] == pytest.approx(rc["miou"], abs=1e-3)
+
+
+# --- the default layout: threads on an idle machine, processes on a loaded one ---------------------------
+
+
+@pytest.mark.parametrize("load, workers", [(0.2, 1), (5.99, 1), (6.0, 4), (20.0, 4)])
+def test_default_workers_follows_the_load_average(monkeypatch, load, workers):
+    from crf import pool
+
+    monkeypatch.setattr(pool, "available_cores", lambda: 4)
+    monkeypatch.setattr(pool.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    assert pool.IDLE_LOAD_PER_CORE == 1.5  # 4 cores: threads below a load average of 6
+    got, reason = pool.default_workers("torch", "cpu")
+    assert got == workers and f"load average {load:.2f} on 4 cores" in reason
+    assert pool.default_workers("auto", "cpu")[0] == workers
+    assert pool.default_workers("pydensecrf", "cpu")[0] == 4  # single-threaded C++: a process per core
+    assert pool.default_workers("torch", "cuda")[0] == 1
+    assert pool.default_workers("torch", "cpu", processes_per_machine=4)[0] == 1  # one core per local rank
+
+
+def test_search_records_the_default_layout_and_why(search_files, tmp_path, monkeypatch):
+    from crf import pool
+
+    monkeypatch.setattr(pool.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    run_search(search_files, tmp_path / "idle", SearchConfig(backend="torch", **GRID), progress=False)
+    idle = json.loads((tmp_path / "idle" / "best.json").read_text())
+    cores = pool.available_cores()
+    if cores > 1:
+        assert idle["layout"].startswith("in-process on cpu x") and "every core's threads" in idle["layout_reason"]
+    monkeypatch.setattr(pool.os, "getloadavg", lambda: (10.0 * cores, 0.0, 0.0))
+    run_search(search_files, tmp_path / "busy", SearchConfig(backend="torch", **GRID), progress=False)
+    busy = json.loads((tmp_path / "busy" / "best.json").read_text())
+    if cores > 1:
+        assert busy["layout"] == f"{cores} processes x 1 thread" and "one process per core" in busy["layout_reason"]
+    conf = lambda out: sorted(x for x in (out / "results.jsonl").read_text().splitlines())  # noqa: E731
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k in ("params", "confusion")} for x in lines]  # noqa: E731
+    assert strip(conf(tmp_path / "idle")) == strip(conf(tmp_path / "busy"))

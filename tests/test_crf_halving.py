@@ -120,6 +120,7 @@ def _lines(out: Path) -> dict:
 def _best(out: Path) -> dict:
     best = json.loads((out / "best.json").read_text())
     best.pop("layout")
+    best.pop("layout_reason")
     return best
 
 

@@ -229,9 +229,18 @@ def test_bf16_and_fp16_training_track_fp32(tmp_path):
         assert not torch.equal(w, w_ref)  # the low precision did run
         assert float((w - w_ref).norm() / w_ref.norm()) < 0.05
         assert ("scaler_state" in state) == (precision == "fp16")  # GradScaler for fp16 only, resumable
-    state, loss = _train(tmp_path, "channels_last", channels_last=True)  # a memory format: the same numbers
+    # a memory format: the same numbers up to float rounding (oneDNN picks other kernels for channels_last,
+    # and their sums round differently by CPU): every tensor's update agrees with fp32's to 1 %
+    state, loss = _train(tmp_path, "channels_last", channels_last=True)
+    torch.manual_seed(0)
+    init = build_model("deeplab-largefov", num_classes=21).state_dict()
     for k, w in state["model_state"].items():
-        assert torch.allclose(w, ref["model_state"][k], rtol=1e-4, atol=1e-4 * float(w.abs().max()) + 1e-8), k
+        w_ref = ref["model_state"][k]
+        if not torch.is_floating_point(w_ref):
+            assert torch.equal(w, w_ref), k
+            continue
+        update = float((w_ref - init[k]).norm())
+        assert float((w - w_ref).norm()) <= 0.01 * update + 1e-12, (k, float((w - w_ref).norm()), update)
 
 
 def test_tensorboard_logs_loss_lr_and_predictions(tmp_path):

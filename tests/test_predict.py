@@ -92,23 +92,42 @@ def test_record_names_the_model_and_the_crf_parameters(predicted, run_dir):
     assert "release" in saved["crf"]["from"]
 
 
+def _argmax_up_to_rounding(scores: np.ndarray, labels: np.ndarray, tol: float = 1e-4) -> None:
+    """``labels`` (H, W) is an argmax of ``scores`` (C, H, W) where the top two scores differ by more than
+    float rounding: at every pixel where it is not the argmax, its score is within ``tol`` of the maximum
+    (convolutions batched or not, or on another CPU, may round differently: oneDNN picks its algorithm per
+    shape and instruction set), and that happens at a tiny fraction of the pixels."""
+    want = scores.argmax(0)
+    picked = np.take_along_axis(scores, labels[None].astype(np.int64), 0)[0]
+    top = scores.max(0)
+    off = labels != want
+    assert np.all(top[off] - picked[off] <= tol * (1 + np.abs(top[off]))), "a label far from the argmax"
+    assert off.mean() <= 1e-3, f"{off.mean():.2%} of the pixels differ from the argmax"
+
+
 def test_dcnn_labels_are_the_argmax_of_the_test_nets_scores(predicted, images, run_dir):
     """What predict writes is what ``engine.inference.predict`` computes, image by image."""
     out, _ = predicted
     model = load_predictor(run_dir / "checkpoints" / "final.pth", device="cpu").model
     for path in images:
-        want = predict(model, read_image(path), size=SIZE).upsampled().argmax(0).numpy()
-        assert np.array_equal(np.array(Image.open(out / "dcnn" / f"{path.stem}.png")), want)
+        scores = predict(model, read_image(path), size=SIZE).upsampled().numpy()
+        _argmax_up_to_rounding(scores, np.array(Image.open(out / "dcnn" / f"{path.stem}.png")))
 
 
 def test_batches_give_the_labels_of_one_image_at_a_time(predicted, images, run_dir, tmp_path):
-    """Batched (2 per forward, above) and one image per forward write the same labels."""
+    """Batched (2 per forward, above) and one image per forward write the same labels, up to ties that float
+    rounding decides."""
     out, _ = predicted
     predict_images(images, run_dir / "checkpoints" / "final.pth", tmp_path, size=SIZE, device="cpu", batch_size=1,
                    progress=False, log=lambda line: None)
+    model = load_predictor(run_dir / "checkpoints" / "final.pth", device="cpu").model
     for path in images:
-        assert np.array_equal(np.array(Image.open(tmp_path / "dcnn" / f"{path.stem}.png")),
-                              np.array(Image.open(out / "dcnn" / f"{path.stem}.png")))
+        scores = predict(model, read_image(path), size=SIZE).upsampled().numpy()
+        single = np.array(Image.open(tmp_path / "dcnn" / f"{path.stem}.png"))
+        batched = np.array(Image.open(out / "dcnn" / f"{path.stem}.png"))
+        _argmax_up_to_rounding(scores, single)
+        _argmax_up_to_rounding(scores, batched)
+        assert (single != batched).mean() <= 1e-3
 
 
 def test_crf_parameters_come_from_the_runs_search(run_dir, tmp_path):

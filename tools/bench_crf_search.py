@@ -2,8 +2,8 @@
 
 It runs the same small search (a few configurations of the paper's grid x a few images, one round, no
 refinement) for every layout -- pydensecrf on every core (the reference), torch as one single-threaded
-process per core (the default of ``backend: auto``), torch as one process of every core's threads, and
-one single-threaded process of each -- and prints (configuration, image) pairs per second, the ratio to
+process per core and as one process of every core's threads (``backend: auto`` with ``workers: null``
+takes the second on an idle machine, the first on a loaded one), and one single-threaded process of each -- and prints (configuration, image) pairs per second, the ratio to
 pydensecrf on every core, whether the confusion matrices are identical to pydensecrf's, the load average
 before and after (the machine may be shared: compare the rows of one run), and the paper's protocol (100
 images x (96 coarse + 26 refinement)) projected at the measured rates, exhaustive and with successive
@@ -117,12 +117,13 @@ def protocol_runs(images: int = 100, coarse: int = 96, refine: int = 26) -> dict
 
 def layouts(cores: int) -> list[tuple[str, str, int, int]]:
     """(name, backend, processes, threads per process) of every layout measured: pydensecrf on every core
-    (the reference), torch as one single-threaded process per core (the default), torch as one process
-    with every core's threads, and both backends in one single-threaded process."""
+    (the reference), torch as one single-threaded process per core (``workers: null`` on a loaded machine),
+    torch as one process with every core's threads (``workers: null`` on an idle one; ``crf.pool.
+    default_workers``), and both backends in one single-threaded process."""
     rows = [("pydensecrf, 1 process per core", "pydensecrf", cores, 1),
-            ("torch, 1 process per core x 1 thread (default)", "torch", cores, 1),
-            (f"torch, 1 process x {cores} threads (in-process, images batched)", "torch", 1, cores),
-            ("torch, 1 process x 1 thread (in-process, images batched)", "torch", 1, 1),
+            ("torch, 1 process per core x 1 thread (the default on a loaded machine)", "torch", cores, 1),
+            (f"torch, 1 process x {cores} threads (in-process; the default on an idle machine)", "torch", 1, cores),
+            ("torch, 1 process x 1 thread (in-process)", "torch", 1, 1),
             ("pydensecrf, 1 process", "pydensecrf", 1, 1)]
     return rows if cores > 1 else rows[1:4:2] + rows[:1]
 

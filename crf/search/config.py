@@ -69,8 +69,9 @@ class SearchConfig:
             (no CPU pool), images x configurations batched within ``memory_mb``.
         memory_mb: the torch backend's budget per process, MiB (``None``: half the memory shared among
             the workers, at most 4096; on CUDA half the free device memory).
-        workers: worker processes per rank; ``None`` -> CPU cores / local ranks (one thread each, for
-            pydensecrf and torch alike); 1 -> in-process (torch: images batched through one lattice).
+        workers: worker processes per rank, one thread each; 1 -> in-process (torch: every core's threads;
+            on CUDA images batched through one lattice); ``None`` -> :func:`crf.pool.default_workers`: for
+            torch on an idle machine in-process, else (and for pydensecrf) CPU cores / local ranks.
         strategy: ``"grid"`` (every configuration of a round on every image, the paper's) or
             ``"halving"``: successive halving over the images (:meth:`halving_schedule`): each round's
             configurations are scored on ``min_images`` images, the best ``1/eta`` of them on ``eta`` times

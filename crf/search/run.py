@@ -175,7 +175,7 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
                       run_info={"strategy": config.strategy, "crf_runs": total_runs,
                                 "crf_runs_grid": len(round_of) * len(files), "backend_requested": config.backend,
                                 "backend_reason": choice.reason, "device": choice.device,
-                                "layout": evaluator.layout,
+                                "layout": evaluator.layout, "layout_reason": evaluator.layout_reason,
                                 **({"eta": config.eta, "rungs": schedule} if config.strategy == "halving" else {})})
         if progress:
             from tqdm import tqdm
