@@ -259,7 +259,8 @@ class Evaluator:
             if self.backend == "torch":
                 import torch
 
-                return f"in-process on cpu x {torch.get_num_threads()} threads"
+                threads = torch.get_num_threads()
+                return f"in-process on cpu x {threads} thread{'s' if threads > 1 else ''}"
             return f"in-process on {self.device}"
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.dist.world > 1 else 1
         threads = worker_threads(self.workers, local)
