@@ -68,7 +68,8 @@ def default_workers(backend: str, device: str = "cpu", processes_per_machine: in
     Returns:
         (workers >= 1, a one-line reason).
     """
-    cores = max(1, available_cores() // max(1, processes_per_machine))
+    total = available_cores()
+    cores = max(1, total // max(1, processes_per_machine))
     if backend == "pydensecrf":
         return cores, "pydensecrf: one single-threaded process per core"
     if device.startswith("cuda"):
@@ -79,10 +80,10 @@ def default_workers(backend: str, device: str = "cpu", processes_per_machine: in
         load = os.getloadavg()[0]
     except (OSError, AttributeError):  # pragma: no cover - no load average on this OS
         return cores, "torch on CPU: no load average here, one process per core"
-    per_core = load / max(1, available_cores())
-    if per_core < IDLE_LOAD_PER_CORE:
-        return 1, f"torch on CPU, load average {load:.2f} on {available_cores()} cores: this process, every core's threads"
-    return cores, f"torch on CPU, load average {load:.2f} on {available_cores()} cores: one process per core"
+    where = f"torch on CPU, load average {load:.2f} on {total} cores"
+    if load / total < IDLE_LOAD_PER_CORE:
+        return 1, f"{where}: this process, every core's threads"
+    return cores, f"{where}: one process per core"
 
 
 def watch_parent(parent_pid: int, interval: float = 0.5) -> threading.Thread:
