@@ -2,7 +2,8 @@
 the features of Gaussian and bilateral kernels for data of any dimension.
 
 Same names, arguments, defaults and results as pydensecrf's; arguments pydensecrf takes silently to a
-wrong result (labels out of range, fewer scales than dimensions, a ``scale`` or ``gt_prob`` outside its
+wrong result or an IndexError (labels out of range, a uint8 label map whose 0 wraps to 255 under
+``zero_unsure``, fewer scales than dimensions, a ``scale`` or ``gt_prob`` outside its
 interval under ``python -O``) raise :class:`~crf.errors.CRFInputError` (a ``ValueError``) instead.
 """
 
