@@ -10,11 +10,16 @@ This package never imports ``deeplab_v1``: it takes images and class probabiliti
   input files (``crf.input_files``) (``crf.parallel``).
 - ``SearchConfig``, ``run_search``: the paper's coarse-to-fine parameter search on search input files
   (``crf.search``, Sec. 5), scored with ``crf.confusion`` and ``crf.trimap``.
+- ``crf.densecrf``, ``crf.utils``: a drop-in for ``pydensecrf.densecrf`` / ``pydensecrf.utils`` (any
+  features, Potts/diagonal/matrix compatibilities, every normalisation: ``crf.meanfield``).
+- ``python -m crf apply | search | evaluate`` (``crf.cli``): any model's class maps in folders
+  (``crf.folders``) -> labels, the search, metrics and trimap.
 - ``crf.atomic``: the atomic files every output of the distribution is written with.
 
 Floors, lowest first (a module imports only from floors below it): ``errors``, ``atomic``, ``params``,
-``inputs``, ``confusion``, ``trimap``, ``pool``, ``permutohedral``, ``step_times``; ``backend_choice``,
-``input_files``, ``torch_backend``; ``dense``; ``parallel``; ``search``.
+``inputs``, ``confusion``, ``trimap``, ``pool``, ``permutohedral``, ``step_times``, ``utils``, ``folders``;
+``meanfield``, ``backend_choice``, ``input_files``, ``torch_backend``; ``densecrf``, ``dense``; ``parallel``;
+``search``; ``cli``.
 """
 
 from .params import RELEASE_LARGEFOV, CRFParams

@@ -94,6 +94,11 @@ def _float32_array(value: Any, where: str, shape: tuple, contiguous: bool = True
     return value
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor of ``array``'s values (a read-only array, which torch will not share, is copied)."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def _positive(value: Any, count: int, where: str) -> tuple[float, ...]:
     """A standard deviation given as one number or ``count`` numbers, each finite and > 0."""
     values = (value,) * count if isinstance(value, Real) else tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else None
@@ -151,7 +156,7 @@ class DenseCRF:
             raise CRFInputError("setUnaryEnergy(u, n) (pydensecrf's LogisticUnaryEnergy) is not supported by "
                                 "crf.densecrf; pass the energies U = -log P alone")
         u = _float32_array(u, _where("setUnaryEnergy", "u (the unary energy)"), (self._c, self._n))
-        self._neg_unary = (-torch.from_numpy(u).T).contiguous().to(self._device)
+        self._neg_unary = (-_tensor(u).T).contiguous().to(self._device)
 
     def setUnary(self, u: Any) -> None:  # noqa: N802
         """Not supported: pydensecrf's ``Unary`` objects are for parameter learning.
@@ -182,14 +187,15 @@ class DenseCRF:
         features = _float32_array(features, _where(method, "features"), (None, self._n))
         if features.shape[0] < 1:
             raise CRFInputError(f"{method}: features must have D >= 1 rows, got shape {features.shape}")
-        self._add(torch.from_numpy(features).T, compat, kernel, normalization, method)
+        self._add(_tensor(features).T, compat, kernel, normalization, method)
 
     def _add(self, features: torch.Tensor, compat: Any, kernel: Any, normalization: Any, method: str,
              cache_key: tuple | None = None) -> None:
         _enum(kernel, KernelType, _where(method, "kernel"))
         norm = _enum(normalization, NormalizationType, _where(method, "normalization"))
         comp = self._compat(compat, _where(method, "compat"))
-        self._terms.append((features.to(self._device, torch.float32).contiguous(), comp, norm))
+        # a copy: pydensecrf copies at this call, so later changes to the caller's array do not count
+        self._terms.append((features.to(self._device, torch.float32).contiguous().clone(), comp, norm))
         self._cache_keys.append(cache_key)
         self._kernels = None
 
@@ -258,7 +264,7 @@ class DenseCRF:
             if not value.flags.writeable:
                 raise CRFInputError(f"stepInference: {name} must be writable (it is updated in place)")
         neg_unary, kernels = self._ready()
-        q = torch.from_numpy(np.ascontiguousarray(Q.T)).to(self._device)
+        q = _tensor(np.ascontiguousarray(Q.T)).to(self._device)
         with torch.no_grad():
             new_q, energy, message = step(neg_unary, kernels, q)
         for target, value in ((Q, new_q), (tmp1, energy), (tmp2, message)):
@@ -274,7 +280,7 @@ class DenseCRF:
         Q = _float32_array(np.asarray(Q), _where("klDivergence", "Q"), (self._c, self._n), contiguous=False)
         neg_unary, kernels = self._ready()
         with torch.no_grad():
-            return kl_divergence(neg_unary, kernels, torch.from_numpy(np.ascontiguousarray(Q.T)).to(self._device))
+            return kl_divergence(neg_unary, kernels, _tensor(np.ascontiguousarray(Q.T)).to(self._device))
 
 
 class DenseCRF2D(DenseCRF):
@@ -336,7 +342,7 @@ class DenseCRF2D(DenseCRF):
         if not rgbim.flags.c_contiguous:
             raise CRFInputError(f"{method}: rgbim must be C-contiguous, got a strided view "
                                 "(use np.ascontiguousarray)")
-        colour = torch.from_numpy(rgbim).to(self._device).reshape(-1, 3).to(torch.float32)
+        colour = _tensor(rgbim).to(self._device).reshape(-1, 3).to(torch.float32)
         colour = colour / torch.tensor(srgb, dtype=torch.float32, device=self._device)
         self._add(torch.cat([self._positions(sx, sy), colour], dim=1), compat, kernel, normalization, method)
 

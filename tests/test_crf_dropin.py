@@ -223,3 +223,15 @@ def test_utils_errors():
         a.addPairwiseGaussian(3, 3)
         b.addPairwiseGaussian(3, 4)
         dcrf.inference_batch([a, b], 1)
+
+
+def test_read_only_arrays_are_taken(pairs):
+    """pydensecrf refuses read-only buffers ("buffer source array is read-only", e.g. np.asarray of a PIL
+    image); the drop-in takes them and gives pydensecrf's result on writable copies."""
+    rgb, label, probs = pairs[0]
+    reference = script_softmax(pyd, pyd_utils, rgb, label, probs)
+    frozen = rgb.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        script_softmax(pyd, pyd_utils, frozen, label, probs)
+    agree(reference, script_softmax(dcrf, dutils, frozen, label, probs))
