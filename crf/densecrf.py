@@ -76,9 +76,9 @@ def _where(method: str, arg: str) -> str:
     return f"{method}: {arg}"
 
 
-def _float32_array(value: Any, where: str, shape: tuple, contiguous: bool = True) -> np.ndarray:
-    """``value`` as it must be: a float32 numpy array of ``shape`` (None = any), finite, C-contiguous when
-    ``contiguous`` (what pydensecrf's buffers take)."""
+def _float32_array(value: Any, where: str, shape: tuple, contiguous: bool = True, finite: bool = True) -> np.ndarray:
+    """``value`` as it must be: a float32 numpy array of ``shape`` (None = any), C-contiguous when
+    ``contiguous`` (what pydensecrf's buffers take), finite when ``finite``."""
     if not isinstance(value, np.ndarray):
         raise CRFInputError(f"{where} must be a numpy array, got {type(value).__name__}")
     expected = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
@@ -89,7 +89,7 @@ def _float32_array(value: Any, where: str, shape: tuple, contiguous: bool = True
     if contiguous and not value.flags.c_contiguous:
         raise CRFInputError(f"{where} must be C-contiguous, got a strided view of shape {value.shape} "
                             "(use np.ascontiguousarray)")
-    if not np.isfinite(value).all():
+    if finite and not np.isfinite(value).all():
         raise CRFInputError(f"{where} holds NaN or infinite values")
     return value
 
@@ -145,17 +145,26 @@ class DenseCRF:
 
     # ------------------------------------------------------------------ the model
     def setUnaryEnergy(self, u: np.ndarray, n: np.ndarray | None = None) -> None:  # noqa: N802 (pydensecrf's name)
-        """Set the unary energy ``U``: float32 C-contiguous ``(n_labels, n_pixels)``, finite (e.g.
-        :func:`crf.utils.unary_from_softmax`, ``-log P``).
+        """Set the unary energy ``U``: float32 C-contiguous ``(n_labels, n_pixels)`` (e.g.
+        :func:`crf.utils.unary_from_softmax`, ``-log P``); ``+inf`` forbids a label at a pixel (probability
+        0, as ``unary_from_softmax(clip=None)`` gives), as in densecrf.
 
         Raises:
-            CRFInputError: another shape, dtype or layout, NaN/inf, or ``n`` given (pydensecrf's logistic
-                unary ``setUnaryEnergy(u, n)`` is not supported).
+            CRFInputError: another shape, dtype or layout, NaN or ``-inf``, a pixel where every label is
+                ``+inf`` (densecrf's Q would be NaN there), or ``n`` given (pydensecrf's logistic unary
+                ``setUnaryEnergy(u, n)`` is not supported).
         """
         if n is not None:
             raise CRFInputError("setUnaryEnergy(u, n) (pydensecrf's LogisticUnaryEnergy) is not supported by "
                                 "crf.densecrf; pass the energies U = -log P alone")
-        u = _float32_array(u, _where("setUnaryEnergy", "u (the unary energy)"), (self._c, self._n))
+        where = _where("setUnaryEnergy", "u (the unary energy)")
+        u = _float32_array(u, where, (self._c, self._n), finite=False)
+        if np.isnan(u).any() or (u == -np.inf).any():
+            raise CRFInputError(f"{where} holds NaN or -inf values")
+        blocked = np.isinf(u).all(axis=0)
+        if blocked.any():
+            raise CRFInputError(f"{where} is +inf for every label at {int(blocked.sum())} pixel(s), e.g. pixel "
+                                f"{int(np.argmax(blocked))}; clip the probabilities (unary_from_softmax's clip)")
         self._neg_unary = (-_tensor(u).T).contiguous().to(self._device)
 
     def setUnary(self, u: Any) -> None:  # noqa: N802

@@ -46,10 +46,10 @@ def pairs(shared_voc):
 
 
 # The three scripts of the issue, written once against "a pydensecrf": only the modules passed differ.
-def script_softmax(densecrf, utils, rgb, label, probs):
+def script_softmax(densecrf, utils, rgb, label, probs, clip=1e-5):
     h, w = label.shape
     d = densecrf.DenseCRF2D(w, h, C)
-    d.setUnaryEnergy(utils.unary_from_softmax(probs))
+    d.setUnaryEnergy(utils.unary_from_softmax(probs, clip=clip))
     d.addPairwiseGaussian(sxy=3, compat=3)
     d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=rgb, compat=10)
     return np.array(d.inference(5))
@@ -180,6 +180,7 @@ def small():
     (lambda d, im: d.setUnaryEnergy(np.zeros((20, 3), np.float32).T), ["C-contiguous", "ascontiguousarray"]),
     (lambda d, im: d.setUnaryEnergy(np.zeros((3, 21), np.float32)), ["(3, 20)", "(3, 21)"]),
     (lambda d, im: d.setUnaryEnergy(np.full((3, 20), np.nan, np.float32)), ["NaN"]),
+    (lambda d, im: d.setUnaryEnergy(np.full((3, 20), np.inf, np.float32)), ["+inf for every label at 20 pixel"]),
     (lambda d, im: d.setUnaryEnergy(np.zeros((3, 20), np.float32), np.zeros((3, 20), np.float32)), ["not supported"]),
     (lambda d, im: d.setUnary(None), ["not supported"]),
     (lambda d, im: d.addPairwiseBilateral(3, 5, np.zeros((4, 5, 4), np.uint8), 3), ["rgbim", "(4, 5, 3)", "(4, 5, 4)"]),
@@ -223,6 +224,17 @@ def test_utils_errors():
         a.addPairwiseGaussian(3, 3)
         b.addPairwiseGaussian(3, 4)
         dcrf.inference_batch([a, b], 1)
+
+
+def test_infinite_unary_forbids_a_label(pairs):
+    """unary_from_softmax(clip=None) of probabilities with zeros: +inf energies, as pydensecrf takes them."""
+    rgb, label, probs = pairs[0]
+    probs = probs.copy()
+    probs[1:4, :, :20] = 0  # labels 1..3 impossible in the first 20 columns
+    probs /= probs.sum(0)
+    out = [script_softmax(m, u, rgb, label, probs, clip=None) for m, u in ((pyd, pyd_utils), (dcrf, dutils))]
+    assert np.isinf(dutils.unary_from_softmax(probs, clip=None)).any()
+    agree(*out)
 
 
 def test_read_only_arrays_are_taken(pairs):
