@@ -83,9 +83,9 @@ def _add_common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--probs", type=Path, required=True,
                     help="folder of (C, H, W) class maps <stem>.npy/.npz, at the image's size or smaller")
     ap.add_argument("--logits", action="store_true", help="the maps are logits (softmax after upsampling)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    ap.add_argument("--device", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--workers", type=int, help="worker processes (default: by the machine's cores and load)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "pydensecrf"],
+    ap.add_argument("--backend", choices=["auto", "torch", "pydensecrf"],
                     help="auto (default): torch where it fits memory, else pydensecrf")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -104,7 +104,8 @@ def cmd_apply(args) -> int:
     stems, images, maps, _ = _inputs(args)
     args.out.mkdir(parents=True, exist_ok=True)
     tasks = [CRFTask(maps[s], args.out / f"{s}.png", image=images[s]) for s in stems]
-    summary = run_crf_many(tasks, params, workers=args.workers, backend=args.backend, device=args.device,
+    summary = run_crf_many(tasks, params, workers=args.workers, backend=args.backend or "auto",
+                           device=args.device or "cpu",
                            progress=not args.no_progress, load=load_logits if args.logits else load_probs,
                            write=write_palette_png)
     if args.no_progress:
@@ -123,10 +124,9 @@ def cmd_search(args) -> int:
         if not args.config.is_file():
             raise CRFInputError(f"--config: {args.config} does not exist")
         values = yaml.safe_load(args.config.read_text()) or {}
-    for key in ("strategy", "objective", "workers", "rounds"):
-        if getattr(args, key) is not None:
+    for key in ("strategy", "objective", "workers", "rounds", "backend", "device"):
+        if getattr(args, key) is not None:  # given on the command line: over the YAML's
             values[key] = getattr(args, key)
-    values.update(backend=args.backend, device=args.device)
     config = SearchConfig.from_dict(values)
     stems, images, maps, classes = _inputs(args)
     labels = files_by_stem(args.labels, (".png",), "--labels")
