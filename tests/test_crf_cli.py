@@ -192,3 +192,16 @@ def test_parse_params():
 def test_python_dash_m_crf_runs():
     done = subprocess.run([sys.executable, "-m", "crf", "--help"], capture_output=True, text=True, check=True)
     assert "apply" in done.stdout and "search" in done.stdout and "evaluate" in done.stdout
+
+
+@pytest.mark.cuda
+def test_apply_on_cuda_equals_pydensecrf(voc_folders, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    root, refs = voc_folders
+    assert apply(root, "probs", tmp_path / "out", "--device", "cuda") == 0
+    for name, (rgb, probs) in refs.items():
+        ours = np.array(Image.open(tmp_path / "out" / f"{name}.png"))
+        assert (ours == pydensecrf_labels(rgb, probs, PARAMS)).mean() >= 0.999
