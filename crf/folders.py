@@ -149,6 +149,13 @@ def to_probs(values: np.ndarray, height: int, width: int, logits: bool, where: s
         t = torch.nn.functional.interpolate(t[None], size=(height, width), mode="bilinear", align_corners=True)[0]
     if logits:
         t = torch.softmax(t, dim=0)
+    else:
+        from .inputs import SUM_TOLERANCE
+
+        worst = float((t.sum(dim=0, dtype=torch.float64) - 1).abs().max())
+        if worst > SUM_TOLERANCE or float(t.min()) < 0:
+            raise CRFInputError(f"{where}: not probabilities (sums over C differ from 1 by up to {worst:.3g}, "
+                                f"minimum {float(t.min()):.3g}); pass --logits for scores before the softmax")
     return t.numpy()
 
 
@@ -242,6 +249,9 @@ def check_maps(stems: list[str], images: dict[str, Path], maps: dict[str, Path])
             if len(shape) != 3 or shape[0] < 2 or dtype.kind != "f":
                 raise CRFInputError(f"{path}: must be (C, H, W) floats with C >= 2, got {dtype} {shape}")
             height, width = image_size(images[stem])
+            if shape[:2] == (height, width) and shape[2] < shape[0]:
+                raise CRFInputError(f"{path}: shape {shape} looks channels-last (H, W, C); store (C, H, W), "
+                                    "e.g. np.moveaxis(a, -1, 0)")
             if shape[1] > height or shape[2] > width:
                 raise CRFInputError(f"{path}: map {shape[1]}x{shape[2]} is larger than its image {height}x{width}")
             if classes is None:

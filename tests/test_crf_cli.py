@@ -127,6 +127,20 @@ def test_bad_files_are_all_named_before_any_work(voc_folders, tmp_path, capsys):
     assert not out.exists() or not list(out.iterdir())
 
 
+def test_channels_last_and_logits_without_flag_are_named(voc_folders, tmp_path, capsys):
+    root, refs = voc_folders
+    name = sorted(refs)[0]
+    rgb, probs = refs[name]
+    for folder, array, words in (("last", np.moveaxis(probs, 0, -1), "looks channels-last (H, W, C)"),
+                                 ("raw", np.log(probs) * 3, "pass --logits")):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / f"{name}.npy", np.ascontiguousarray(array))
+        assert main(["apply", "--images", str(root / "images"), "--probs", str(tmp_path / folder), "--out",
+                     str(tmp_path / f"out_{folder}"), "--workers", "1", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{name}.npy" in err and words in err, err
+
+
 def test_evaluate_writes_metrics_and_trimap(tmp_path):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     gt_dir.mkdir(), pred_dir.mkdir()
