@@ -123,8 +123,8 @@ class DenseCRF:
         device: extra: where the lattices and the inference run (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
 
     Raises:
-        CRFInputError (a ValueError): N or C not a positive integer, or a bad device.
-        RuntimeError: CUDA asked for and not available.
+        CRFInputError (a ValueError): N or C not a positive integer, a bad device, or CUDA asked for and
+            not available.
     """
 
     def __init__(self, n_pixels: int, n_labels: int, *, device: str | torch.device = "cpu") -> None:
@@ -231,14 +231,18 @@ class DenseCRF:
         return Compatibility("matrix", (value + value.T) * 0.5)
 
     # ------------------------------------------------------------------ inference
+    def _minus_unary(self) -> torch.Tensor:
+        """``-U``, ``(n_pixels, n_labels)``; densecrf takes no unary as a zero unary."""
+        if self._neg_unary is None:
+            return torch.zeros(self._n, self._c, dtype=torch.float32, device=self._device)
+        return self._neg_unary
+
     def _ready(self) -> tuple[torch.Tensor, list[Kernel]]:
+        """``-U`` and the terms' kernels (their lattices built on first use and kept)."""
         if self._kernels is None:
             self._kernels = [Kernel(f, comp, norm, lattice=_position_lattice(key, f))
                              for (f, comp, norm), key in zip(self._terms, self._cache_keys)]
-        neg_unary = self._neg_unary
-        if neg_unary is None:  # densecrf: no unary is a zero unary
-            neg_unary = torch.zeros(self._n, self._c, dtype=torch.float32, device=self._device)
-        return neg_unary, self._kernels
+        return self._minus_unary(), self._kernels
 
     def inference(self, n_iterations: int) -> np.ndarray:
         """Run ``n_iterations`` mean-field iterations from ``softmax(-U)``.
@@ -411,7 +415,7 @@ def inference_batch(crfs: Sequence[DenseCRF], n_iterations: int) -> list[np.ndar
     if len(crfs) == 1:
         neg_unary, kernels = crfs[0]._ready()
     else:
-        neg_unary = torch.cat([c._ready()[0] for c in crfs], dim=0)
+        neg_unary = torch.cat([c._minus_unary() for c in crfs], dim=0)
         kernels = [Kernel(torch.cat([c._terms[k][0] for c in crfs]), comp, norm, segments=sizes)
                    for k, (_, comp, norm) in enumerate(crfs[0]._terms)]
     with torch.no_grad():
