@@ -177,19 +177,22 @@ def test_evaluate_names_predictions_without_labels(tmp_path, capsys):
     assert "x.png: no label x.png in --labels" in capsys.readouterr().err
 
 
-def test_search_runs_the_grid_and_writes_best(voc_folders, tmp_path):
+@pytest.mark.parametrize("strategy", ["grid", "halving"])
+def test_search_runs_and_writes_best(voc_folders, tmp_path, strategy):
     root, _ = voc_folders
     config = tmp_path / "search.yaml"
-    config.write_text("w1: [5]\nsigma_alpha: [50]\nsigma_beta: [3, 5]\nrounds: 0\n")
+    config.write_text("w1: [5]\nsigma_alpha: [50]\nsigma_beta: [3, 5]\nrounds: 0\nmin_images: 1\n")
     out = tmp_path / "search"
     args = ["search", "--images", str(root / "images"), "--probs", str(root / "logits"), "--logits", "--labels",
-            str(root / "labels"), "--out", str(out), "--config", str(config), "--workers", "1", "--no-progress"]
+            str(root / "labels"), "--out", str(out), "--config", str(config), "--workers", "1", "--no-progress",
+            "--strategy", strategy]
     assert main(args) == 0
     best = json.loads((out / "best.json").read_text())
-    assert best["w1"] == 5 and best["sigma_beta"] in (3, 5)
+    assert best["w1"] == 5 and best["sigma_beta"] in (3, 5) and best["strategy"] == strategy
     assert len(list((out / "samples").glob("*.npz"))) == 3
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 2
+    # the grid scores both configurations on the 3 images; halving both on 1, the better one on 3
+    assert [json.loads(line)["images"] for line in lines] == ([3, 3] if strategy == "grid" else [1, 1, 3])
     assert main(args) == 0  # resumes: nothing redone
     assert (out / "results.jsonl").read_text().splitlines() == lines
 
