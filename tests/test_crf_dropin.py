@@ -226,6 +226,7 @@ def test_utils_errors():
         dcrf.inference_batch([a, b], 1)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
 def test_infinite_unary_forbids_a_label(pairs):
     """unary_from_softmax(clip=None) of probabilities with zeros: +inf energies, as pydensecrf takes them."""
     rgb, label, probs = pairs[0]
