@@ -161,3 +161,62 @@ def test_a_rewritten_search_input_file_is_never_mixed_with_old_results(tmp_path)
     with warnings.catch_warnings():  # unchanged files: every line reused, nothing recomputed
         warnings.simplefilter("ignore")
         assert run_search(files, tmp_path / "fresh", SearchConfig(**cfg), progress=False).computed == 0
+
+
+# --- the ranks come from the entry point, on one gloo group ------------------------------------------------
+
+
+def test_crf_leaves_process_groups_and_torchruns_environment_to_the_entry_points():
+    """Only the command line (an entry point) starts a process group or reads torchrun's environment."""
+    entry = REPO / "crf" / "search" / "cli.py"
+    for f in sorted((REPO / "crf").rglob("*.py")):
+        if f == entry:
+            continue
+        text = f.read_text()
+        for name in ("LOCAL_WORLD_SIZE", "init_process_group", "new_group", "WORLD_SIZE"):
+            assert name not in text, f"{f.relative_to(REPO)} uses {name}"
+
+
+def _group_rank(rank: int, port: int, out: str) -> None:
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    from deeplab_v1.distributed import DistInfo
+    from deeplab_v1.stages.crf_search import search_ranks
+    from search_helpers import Bowl
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        ctx = SimpleNamespace(dist=DistInfo(rank, 2, rank, 2))
+        counts = [len(c10d._world.pg_map)]
+        names = [str(Path(out) / f"{i}.npz") for i in range(3)]
+        # a default group that cannot reduce CPU tensors (NCCL's): the stage makes ONE gloo group for the search
+        with mock.patch.object(dist, "get_backend", lambda group=None: "nccl"):
+            with search_ranks(ctx) as ranks:
+                for i in range(3):
+                    cfg = SearchConfig(objective=Bowl((5, 50, 3)), w1=[5, 10], sigma_alpha=[50], sigma_beta=[3],
+                                       rounds=0)
+                    run_search(names, Path(out) / f"s{i}", cfg, progress=False, dist=ranks)
+                    counts.append(len(c10d._world.pg_map))
+                own = ranks.group is not None
+        counts.append(len(c10d._world.pg_map))
+        with search_ranks(ctx) as ranks:  # the default group is gloo: used as it is
+            counts.append(len(c10d._world.pg_map))
+            own = own and ranks.group is None
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"counts": counts, "own": own}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_search_stage_makes_one_gloo_group_reused_and_destroyed(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_group_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        n = got["counts"][0]
+        assert got["counts"] == [n, n + 1, n + 1, n + 1, n, n] and got["own"], got
