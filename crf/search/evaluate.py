@@ -1,6 +1,7 @@
 """Evaluating configurations of the search on its search input files: the per-process cache of the files,
-one (group of configurations, image) task, and the :class:`Evaluator` that spreads the tasks over the worker
-processes (``crf.pool``) of every rank (``crf.search.dist``) and records the results.
+one (group of configurations, image) task, and the :class:`Evaluator` that spreads the tasks of one plan
+(``crf.search.plan``: the same batches and tasks on every rank) over the worker processes (``crf.pool``) of
+every rank (``crf.search.dist``) and records the results.
 
 Every (configuration, image) pair yields an integer confusion matrix (``crf.confusion``) over the labelled
 pixels and, for the ``trimap_miou`` objective, one over the trimap band (``crf.trimap``); the matrices are
