@@ -64,8 +64,8 @@ def run_backend(backend: str, device: str, shapes: Iterable[Sequence[int]], *, m
     budget = MAX_DEFAULT_MEMORY_MB if memory_mb is None else memory_mb
     choice = resolve_backend(backend, device, shapes, memory_mb=budget, configs=configs)
     if backend == "auto" and memory_mb is None:
-        choice = BackendChoice(choice.backend, choice.device, f"{choice.reason} (the fixed default budget; "
-                               "memory_mb sets another)", choice.memory_mb)
+        choice = BackendChoice(choice.backend, choice.device, f"{choice.reason}; the fixed default budget, "
+                               "never this machine's memory (memory_mb sets another)", choice.memory_mb)
     return choice
 
 
