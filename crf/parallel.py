@@ -18,24 +18,55 @@ import time
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from .atomic import atomic_write_bytes
 from .dense import dense_crf
 from .input_files import load_crf_input
-from .backend_choice import resolve_backend
+from .backend_choice import MAX_DEFAULT_MEMORY_MB, BackendChoice, resolve_backend
 from .inputs import check_backend, check_inputs
 from .params import CRFParams
 from .pool import default_workers, make_executor, resolve_workers, worker_threads
 from .errors import CRFInputError, CRFTaskError
 
 __all__ = ["CRFTask", "CRFRunSummary", "load_crf_input", "load_sample", "write_label_atomic", "run_crf_many",
-           "resolve_workers", "make_executor"]
+           "resolve_workers", "make_executor", "run_backend"]
 
 #: Former name of :func:`crf.input_files.load_crf_input` (the CRF input file was called a "sample file").
 load_sample = load_crf_input
+
+
+def run_backend(backend: str, device: str, shapes: Iterable[Sequence[int]], *, memory_mb: float | None = None,
+                configs: int = 1) -> BackendChoice:
+    """The one backend of a whole run (every image of the crf stage, every rank of a search), resolved ONCE
+    before any work from the configuration and the input shapes only (issue #20 item 6).
+
+    ``"auto"`` gives torch when the largest input fits ``memory_mb`` -- or, when that is None, the fixed
+    :data:`crf.backend_choice.MAX_DEFAULT_MEMORY_MB`, never this machine's or this process's free memory --
+    and pydensecrf otherwise (``crf.backend_choice.resolve_backend``). The same configuration and inputs
+    thus give the same backend on any machine, rank or resume, so results of the two backends (which
+    differ in the last bits) are never mixed. An explicit backend is returned as it is.
+
+    Args:
+        backend, device: as for :func:`crf.dense.dense_crf`.
+        shapes: the (C, H, W) shapes of every input of the run.
+        memory_mb: the configured budget, MiB (None: :data:`MAX_DEFAULT_MEMORY_MB`).
+        configs: configurations per call (the search's lattice group; 1 for one configuration).
+
+    Returns:
+        A :class:`crf.backend_choice.BackendChoice` (backend, device, reason, the budget it was made for).
+
+    Raises:
+        CRFInputError (a ValueError): a bad backend, device or budget.
+    """
+    budget = MAX_DEFAULT_MEMORY_MB if memory_mb is None else memory_mb
+    choice = resolve_backend(backend, device, shapes, memory_mb=budget, configs=configs)
+    if backend == "auto" and memory_mb is None:
+        choice = BackendChoice(choice.backend, choice.device, f"{choice.reason}; the fixed default budget, "
+                               "never this machine's memory (memory_mb sets another)", choice.memory_mb)
+    return choice
 
 
 @dataclass(frozen=True, init=False)

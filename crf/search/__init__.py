@@ -24,26 +24,31 @@ softmaxed), ``label`` (H, W) uint8 and, for the trimap objective, optionally ``b
 from ``label`` and ``trimap_width`` with ``crf.trimap.trimap_band`` when absent). Worker processes load each
 file once and keep it in a per-process cache.
 
-Work split: the (configuration, image) pairs are divided among torch.distributed ranks (gloo; detected
-from ``RANK``/``WORLD_SIZE`` as set by torchrun) and, within a rank, among worker processes. Every pair
-yields an integer confusion matrix (``crf.confusion``, the same functions the evaluation reports with);
-the matrices are summed per configuration (all_reduce SUM of int64 tensors across ranks), so 1 process,
-N workers and N ranks give IDENTICAL matrices and tables.
+Work split: the (configuration, image) pairs are divided among torch.distributed ranks (gloo; handed in by
+the entry point as a ``Distributed``: the ``crf_search`` stage, or ``python -m crf.search`` under torchrun)
+and, within a rank, among worker processes. Rank 0 decides the plan -- backend, layout, memory budget --
+and every rank computes its share of its batches and tasks (``plan``), so ranks that see other cores,
+load or memory still count every pair once. Every pair yields an integer confusion matrix
+(``crf.confusion``, the same functions the evaluation reports with); the matrices are summed per
+configuration (all_reduce SUM of int64 tensors across ranks), so 1 process, N workers and N ranks give
+IDENTICAL matrices and tables.
 
 Strategies (``SearchConfig.strategy``): ``grid`` (the paper's: every configuration of a round on every
 image) or ``halving``: successive halving over the images (each round's configurations on
 ``min_images`` images, the best ``1/eta`` on ``eta`` times as many, ..., the finalists on all of them,
 with the same summed-confusion objective, whole lattice groups kept by each cut; about 28 % of the
 grid's CRF runs for the paper's protocol).
-Backend ``auto`` (the default) runs the torch backend where the largest image fits ``memory_mb``
-(``crf.backend_choice``), as one single-threaded worker process per core; on CUDA the search runs in the
-calling process, images x configurations batched.
+Backend ``auto`` (the default) runs the torch backend where the largest image fits ``memory_mb`` (or, when
+unset, a fixed 4096 MiB: never the machine's memory; ``crf.parallel.run_backend``), in this process with
+every core's threads on an idle machine, else one single-threaded worker process per core; on CUDA the
+search runs in the calling process, images x configurations batched.
 
 Resumability: ``results.jsonl`` in the output folder gets one JSON line per finished configuration,
 flushed and fsync'ed at once (under halving, one line per configuration and rung: ``images`` it was
 scored on, ``crf_runs``, ``history``). Every line carries the search key: the hash of the image subset
 (sorted image ids), the objective name, the backend that ran and the fixed parameters (w2, sigma_gamma,
-iterations).
+iterations) and the digest of the search input files' contents (``inputs``), so files rewritten
+under the same ids are never mixed with old lines.
 On restart, configurations already in the file under the same key are not redone; a torn line (a
 partial write from a kill) is ignored with a warning and cut off; lines under another key (another
 image subset, objective or backend) are SKIPPED with a warning, kept in the file for the record, and
@@ -51,17 +56,19 @@ never mixed into the ranking. Rank 0 alone reads and writes the file and broadca
 
 Outputs (all written atomically, by rank 0): ``ranked.md`` (all configurations of this search, best
 first), ``heatmap.png`` (one panel per w1 of the coarse grid: objective over sigma_alpha x sigma_beta),
-``best.json`` (``CRFParams.to_dict()`` of the best configuration plus its scores, the backend, the
-strategy and ``crf_runs``).
+``best.json`` (``CRFParams.to_dict()`` of the best configuration plus its scores, the backend that ran and
+its device, the inputs' digest, the strategy and ``crf_runs``).
 
 Modules: ``config`` (the grid and the refinement), ``store`` (``results.jsonl``), ``evaluate`` (the CRF on
 the files, in workers), ``dist`` (the ranks), ``report`` (ranking and the output files), ``run``
-(``run_search``), ``cli`` (``python -m crf.search``, also under torchrun).
+(``run_search``), ``plan`` (backend, layout, budget, batches and tasks: one plan for every rank), ``cli``
+(``python -m crf.search``, also under torchrun).
 """
 
 from .cli import main
 from .config import SearchConfig
+from .dist import Distributed
 from .run import SearchResult, run_search
 from .store import read_results, subset_hash
 
-__all__ = ["SearchConfig", "SearchResult", "run_search", "subset_hash", "read_results", "main"]
+__all__ = ["SearchConfig", "SearchResult", "Distributed", "run_search", "subset_hash", "read_results", "main"]

@@ -1,16 +1,23 @@
 """The command line of the search: ``python -m crf.search --samples LIST --out DIR`` (also under
-``torchrun ... -m crf.search``, one process per rank)."""
+``torchrun ... -m crf.search``, one process per rank).
+
+It is an entry point: under torchrun it alone reads torchrun's environment, starts the gloo process group,
+hands the ranks to ``run_search`` and destroys the group at the end (:func:`torchrun_ranks`); the library
+below it never does (issue #20 item 9)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .config import SearchConfig
+from .dist import Distributed
 from .run import run_search
 
-__all__ = ["DESCRIPTION", "read_list", "main"]
+__all__ = ["DESCRIPTION", "read_list", "torchrun_ranks", "main"]
 
 DESCRIPTION = "Coarse-to-fine cross-validation of the CRF's bilateral term (DeepLab v1 Sec. 5)."
 
@@ -28,12 +35,38 @@ def read_list(path: Path) -> list[Path]:
     return out
 
 
+@contextmanager
+def torchrun_ranks() -> Iterator[Distributed]:
+    """The ranks torchrun started this process among (``WORLD_SIZE``, ``RANK``, ``LOCAL_WORLD_SIZE``): a gloo
+    process group started here -- or the one already started, if gloo -- and destroyed on leaving when
+    started here. Without torchrun (``WORLD_SIZE`` unset or 1): the single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield Distributed()
+        return
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    try:
+        yield Distributed(dist.get_rank(), dist.get_world_size(), group,
+                          int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+        if started:
+            dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m crf.search --samples LIST.txt --out DIR [--config search.yaml] [--workers N]``.
 
     LIST.txt holds one search input file per line (relative paths are taken from the list's folder). The
     YAML file is a mapping of :class:`SearchConfig` fields. Run it under ``torchrun`` (or
-    ``python -m torch.distributed.run``) to split the work across ranks.
+    ``python -m torch.distributed.run``) to split the work across ranks. Rank 0 prints the result (best
+    parameters, objective, CRF runs), with ``--no-progress`` too.
     """
     ap = argparse.ArgumentParser(prog="python -m crf.search", description=DESCRIPTION)
     ap.add_argument("--samples", type=Path, required=True, help="text file: one search input file (.npz) per line")
@@ -55,5 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = SearchConfig.from_dict(values)
     except ValueError as exc:
         raise SystemExit(f"{args.config}: {exc}")
-    run_search(read_list(args.samples), args.out, config, progress=not args.no_progress)
+    with torchrun_ranks() as ranks:
+        run_search(read_list(args.samples), args.out, config, progress=not args.no_progress, dist=ranks, log=print)
     return 0

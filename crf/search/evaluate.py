@@ -1,6 +1,7 @@
 """Evaluating configurations of the search on its search input files: the per-process cache of the files,
-one (group of configurations, image) task, and the :class:`Evaluator` that spreads the tasks over the worker
-processes (``crf.pool``) of every rank (``crf.search.dist``) and records the results.
+one (group of configurations, image) task, and the :class:`Evaluator` that spreads the tasks of one plan
+(``crf.search.plan``: the same batches and tasks on every rank) over the worker processes (``crf.pool``) of
+every rank (``crf.search.dist``) and records the results.
 
 Every (configuration, image) pair yields an integer confusion matrix (``crf.confusion``) over the labelled
 pixels and, for the ``trimap_miou`` objective, one over the trimap band (``crf.trimap``); the matrices are
@@ -23,10 +24,11 @@ from ..dense import dense_crf_pydensecrf
 from ..input_files import load_search_input
 from ..inputs import check_inputs
 from ..params import CRFParams
-from ..pool import InlineExecutor, default_workers, make_executor, worker_threads
+from ..pool import InlineExecutor, make_executor, worker_threads
 from ..trimap import trimap_band
 from .config import SearchConfig, param_key
 from .dist import Distributed
+from .plan import SearchPlan, batches_of, share, tasks_of
 from .store import append_records, finite_or_none
 from ..errors import CRFTaskError
 
@@ -155,12 +157,6 @@ def evaluate_task(paths: str | tuple[str, ...], configs: tuple[CRFParams, ...], 
 # the evaluator
 
 
-#: Lattice groups per batch of the search (the unit of all_reduce and of appending lines to results.jsonl):
-#: a task runs one image under several groups, so the image's Gaussian lattice (38 sizes among the first
-#: 100 VOC val images: too many to cache) and unary are built once per batch, not once per group.
-GROUPS_PER_BATCH = 8
-
-
 def lattice_groups(configs: list[CRFParams]) -> list[tuple[CRFParams, ...]]:
     """Configurations sharing (sigma_alpha, sigma_beta, sigma_gamma): one lattice in the torch backend."""
     out: dict[tuple, list[CRFParams]] = {}
@@ -204,22 +200,22 @@ class Evaluator:
         records: configuration key -> record; the evaluated configurations are added to it on every rank.
         dist: the ranks (:class:`crf.search.dist.Distributed`).
         progress: a tqdm bar per round (rank 0).
-        backend, device: the backend that runs (resolved from ``backend: auto``) and its device.
+        plan: the one plan of every rank (:func:`crf.search.plan.decide_plan`): backend, device, layout,
+            budget; every rank computes its share of the same tasks.
     """
 
     def __init__(self, files: list[str], config: SearchConfig, key: dict, results: Path, records: dict,
-                 dist: Distributed, progress: bool, backend: str = "pydensecrf", device: str = "cpu") -> None:
+                 dist: Distributed, progress: bool, plan: SearchPlan) -> None:
         self.files, self.config, self.key, self.results, self.records = files, config, key, results, records
-        self.dist, self.progress = dist, progress
-        self.backend, self.device = backend, device
+        self.dist, self.progress, self.plan = dist, progress, plan
+        self.backend, self.device = plan.backend, plan.device
         self.order = image_order(files, config.halving_seed)
         self.computed = 0
         self.crf_runs = 0
         self.band_width = config.trimap_width if config.objective == "trimap_miou" else None
         self.executor = None
         self.num_classes = 0
-        self.workers = 1
-        self.layout_reason = ""
+        self.workers, self.layout_reason = plan.workers, plan.layout_reason
         self.in_process = False
         if not callable(config.objective):
             with np.load(files[0], allow_pickle=False) as z:
@@ -229,24 +225,21 @@ class Evaluator:
             if len(shape) != 3:
                 raise ValueError(f"search input file {files[0]}: key 'probs' must be (C, H, W), got shape {shape}")
             self.num_classes = int(shape[0])
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.world > 1 else 1
-            # CUDA: this (the GPU-owning) process runs everything, no CPU pool (issue #13 item 6)
-            cuda = backend == "torch" and device.startswith("cuda")
-            if cuda:
-                self.workers, self.layout_reason = 1, "torch on CUDA: this process"
-            elif config.workers:
-                self.workers, self.layout_reason = config.workers, f"workers: {config.workers} configured"
-            else:
-                self.workers, self.layout_reason = default_workers(backend, device, local)
-            self.in_process = self.workers == 1
+            self.in_process = plan.in_process
+            local = self._local()
+            # the file cache is this process's memory: its budget never changes a result, so each rank sizes
+            # its own (the plan fixes only what decides the work split and the CRF's arithmetic)
             budget = (int(config.cache_mb * 2**20) if config.cache_mb is not None
                       else default_budget(self.workers * local))
             if self.in_process:
                 self.executor = InlineExecutor()
                 set_cache_budget(budget)
             else:
-                self.executor = make_executor(self.workers, backend, processes_per_machine=local,
+                self.executor = make_executor(self.workers, self.backend, processes_per_machine=local,
                                               initializer=set_cache_budget, initargs=(budget,))
+
+    def _local(self) -> int:
+        return self.dist.local_world if self.dist.world > 1 else 1
 
     @property
     def layout(self) -> str:
@@ -262,8 +255,7 @@ class Evaluator:
                 threads = torch.get_num_threads()
                 return f"in-process on cpu x {threads} thread{'s' if threads > 1 else ''}"
             return f"in-process on {self.device}"
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.dist.world > 1 else 1
-        threads = worker_threads(self.workers, local)
+        threads = worker_threads(self.workers, self._local())
         return f"{self.workers} processes x {threads} thread{'s' if threads > 1 else ''}"
 
     def close(self) -> None:
@@ -351,80 +343,22 @@ class Evaluator:
         for p, start in items:
             by_group.setdefault((p.sigma_alpha, p.sigma_beta, p.sigma_gamma, start), []).append(p)
         groups = [(tuple(ps), key[3]) for key, ps in by_group.items()]
-        # a batch (the unit of all_reduce and of appending lines) holds whole groups: up to
-        # GROUPS_PER_BATCH of them and enough tasks to keep every worker of every rank busy; all batches
-        # are queued at once, so no core idles between batches while rank 0 waits in all_reduce or writes
-        want = max(1, self.workers * self.dist.world)
-        batches: list[list[tuple[tuple[CRFParams, ...], int]]] = [[]]
-        count = 0
-        for g in groups:
-            if len(batches[-1]) >= GROUPS_PER_BATCH and count >= want:
-                batches.append([])
-                count = 0
-            batches[-1].append(g)
-            count += target - g[1]
-        cfg = self.config
+        # a batch (the unit of all_reduce and of appending lines) holds whole groups; all batches are queued
+        # at once, so no core idles between batches while rank 0 waits in all_reduce or writes. The batches
+        # and tasks come from the plan alone: the same on every rank
+        plan = self.plan
+        batches = batches_of(groups, target, plan.want)
         parallel = not self.in_process
-        budget = None
-        if self.backend == "torch":
-            from ..backend_choice import default_memory_mb
-
-            budget = cfg.memory_mb or default_memory_mb(self.device, self.workers)
-
-        def image_chunks(start: int, configs: int) -> list[tuple[int, ...]]:
-            positions = list(range(start, target))
-            if parallel or self.backend != "torch" or not self.device.startswith("cuda"):
-                # one image per call on CPU: batching images through one lattice was slower there
-                # (2 threads, VOC images: 3.6 pairs/s for 1 image per call, 3.4 for 2, 3.4 for 4)
-                return [(j,) for j in positions]
-            # in-process torch on CUDA: as many images per call as the budget holds (one lattice)
-            from ..backend_choice import torch_memory_mb
-            from ..input_files import array_shape
-
-            chunks: list[tuple[int, ...]] = []
-            current: list[int] = []
-            pixels = 0
-            for j in positions:
-                c, h, w = array_shape(self.files[self.order[j]], "probs")
-                if current and torch_memory_mb(pixels + h * w, c, configs) > budget:
-                    chunks.append(tuple(current))
-                    current, pixels = [], 0
-                current.append(j)
-                pixels += h * w
-            if current:
-                chunks.append(tuple(current))
-            return chunks
-
-        def tasks_of(batch: list[tuple[tuple[CRFParams, ...], int]]) -> list[tuple[list[int], tuple[int, ...]]]:
-            """(configuration indices in the batch, image positions): one image's CRFs for several lattice
-            groups per task, so a worker builds the image's Gaussian lattice and unary once for all of
-            them (consecutive groups lacking the same images; enough tasks for every worker)."""
-            offsets = np.cumsum([0] + [len(g[0]) for g in batch])
-            pairs = sum(len(g[0]) * (target - g[1]) for g in batch)
-            per_task = max(1, min(len(batch), len(batch) * pairs // max(1, 2 * want * sum(len(g[0]) for g in batch))))
-            chunks: list[list[int]] = []
-            for gi, (_, start) in enumerate(batch):
-                if chunks and len(chunks[-1]) < per_task and batch[chunks[-1][0]][1] == start:
-                    chunks[-1].append(gi)
-                else:
-                    chunks.append([gi])
-            tasks = []
-            for chunk in chunks:
-                indices = [int(i) for gi in chunk for i in range(offsets[gi], offsets[gi + 1])]
-                tasks += [(indices, images) for images in image_chunks(batch[chunk[0]][1], len(batch[chunk[0]][0]))]
-            # image-major: the tasks of one image follow each other (its file is cached once per worker)
-            return sorted(tasks, key=lambda t: (t[1], t[0]))
 
         def submit(batch_index: int) -> list[tuple[list[int], int, Future]]:
             batch = batches[batch_index]
             flat = [p for g in batch for p in g[0]]
             out = []
-            for t, (indices, chunk) in enumerate(tasks_of(batch)):
-                if t % self.dist.world == self.dist.rank:
-                    paths = tuple(self.files[self.order[j]] for j in chunk)
-                    out.append((indices, len(chunk), self.executor.submit(
-                        evaluate_task, paths, tuple(flat[i] for i in indices), self.num_classes, self.band_width,
-                        self.backend, self.device, budget)))
+            for indices, chunk in share(tasks_of(batch, target, plan, self.files, self.order), self.dist):
+                paths = tuple(self.files[self.order[j]] for j in chunk)
+                out.append((indices, len(chunk), self.executor.submit(
+                    evaluate_task, paths, tuple(flat[i] for i in indices), self.num_classes, self.band_width,
+                    self.backend, self.device, plan.memory_mb)))
             return out
 
         pending = [submit(b) for b in range(len(batches))] if parallel else None

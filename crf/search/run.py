@@ -9,15 +9,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..params import CRFParams
 from .config import SearchConfig, param_key
 from .dist import Distributed
 from .evaluate import Evaluator
-from ..backend_choice import BackendChoice, resolve_backend
-from ..input_files import array_shape
-from ..pool import available_cores
+from .plan import decide_plan
 from .report import best_of, rank_key, ranked_rows, write_outputs
 from .store import RESULTS_FILE, cut_torn_tail, read_results, search_key, subset_hash
 from ..errors import CRFInputError
@@ -86,18 +84,23 @@ def halving_cut(alive: Sequence[CRFParams], scored: Callable[[CRFParams], dict],
 
 
 def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config: SearchConfig, *,
-               progress: bool = True) -> SearchResult:
+               progress: bool = True, dist: Optional[Distributed] = None,
+               log: Optional[Callable[[str], None]] = None) -> SearchResult:
     """Coarse-to-fine search of w1, sigma_alpha, sigma_beta on the search input files (paper Sec. 5).
 
-    Under torchrun (``WORLD_SIZE`` > 1) every rank must call this with the same files and config; the
-    (configuration, image) pairs are split among the ranks and the confusion matrices summed (gloo).
+    With several ranks every rank must call this with the same files, config and ``dist``; rank 0 decides the
+    plan (``crf.search.plan``), the (configuration, image) pairs are split among the ranks and the confusion
+    matrices summed (gloo).
 
     Args:
         input_files: one search input file (``.npz``) per image (keys ``image``, ``probs``, ``label``,
             optionally ``band``; see ``crf.input_files``); their stems are the image ids.
         out_dir: the search folder (``results.jsonl``, ``ranked.md``, ``heatmap.png``, ``best.json``).
         config: the search space and how to run it.
-        progress: tqdm bars (rank 0) and a summary line at the end.
+        progress: tqdm bars (rank 0) and, without ``log``, the summary line at the end.
+        dist: the ranks, given by the entry point (:class:`crf.search.dist.Distributed`; None: one process).
+        log: where rank 0 writes the summary line (best parameters, objective, CRF runs) whatever
+            ``progress`` is; None: printed with ``progress`` only.
 
     Returns:
         A :class:`SearchResult` (best configuration, its objective, all rows best first).
@@ -119,19 +122,12 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
         if missing:
             raise CRFInputError(f"{len(missing)} sample file(s) do not exist (search input files), e.g. {missing[:3]}")
     out_dir = Path(out_dir)
-    if callable(config.objective):
-        choice = BackendChoice(config.backend, config.device, "callable objective: no CRF runs", 0.0)
-    else:
-        shapes = [array_shape(f, "probs") for f in files]
-        choice = resolve_backend(config.backend, config.device, shapes, memory_mb=config.memory_mb,
-                                 processes=config.workers or available_cores(), configs=len(config.w1))
-    key = search_key(config, subset, choice.backend)
+    dist = dist or Distributed()
+    plan = decide_plan(files, config, dist)  # rank 0's, on every rank; every rank's inputs checked against it
+    key = search_key(config, subset, plan.backend, plan.inputs)
     results = out_dir / RESULTS_FILE
-    dist = Distributed.from_env()
     evaluator = None
     try:
-        if dist.world > 1 and dist.broadcast(subset) != subset:
-            raise CRFInputError(f"rank {dist.rank} has another image subset ({subset}) than rank 0")
         if dist.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             records, _, torn = read_results(results, key)
@@ -140,7 +136,7 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
         else:
             records = None
         records = dist.broadcast(records)
-        evaluator = Evaluator(files, config, key, results, records, dist, progress, choice.backend, choice.device)
+        evaluator = Evaluator(files, config, key, results, records, dist, progress, plan)
         round_of: dict[tuple, int] = {}
         best = None
         schedule = config.halving_schedule(len(files))
@@ -161,7 +157,6 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
     finally:
         if evaluator is not None:
             evaluator.close()
-        dist.close()
     rows = ranked_rows(records, round_of)
     best_rec = records[param_key(best)]
     seconds = time.perf_counter() - t0
@@ -169,22 +164,24 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
     result = SearchResult(best=best, best_objective=best_rec.get("objective"), rows=rows, images=len(files),
                           computed=evaluator.computed, seconds=seconds, out_dir=out_dir,
                           crf_runs=evaluator.crf_runs, crf_runs_total=total_runs, strategy=config.strategy,
-                          backend=choice.backend, backend_reason=choice.reason)
+                          backend=plan.backend, backend_reason=plan.backend_reason)
     if dist.rank == 0:
         write_outputs(out_dir, config, key, records, rows, best, len(files),
                       run_info={"strategy": config.strategy, "crf_runs": total_runs,
                                 "crf_runs_grid": len(round_of) * len(files), "backend_requested": config.backend,
-                                "backend_reason": choice.reason, "device": choice.device,
+                                "backend_reason": plan.backend_reason, "device": plan.device,
+                                "inputs_digest": plan.inputs,
                                 "layout": evaluator.layout, "layout_reason": evaluator.layout_reason,
                                 **({"eta": config.eta, "rungs": schedule} if config.strategy == "halving" else {})})
-        if progress:
+        if progress or log is not None:
             from tqdm import tqdm
 
             obj = best_rec.get("objective")
             obj_s = "n/a" if obj is None else (f"{obj:.6g}" if callable(config.objective) else f"{100 * obj:.2f}%")
-            tqdm.write(f"crf search ({config.strategy}, {choice.backend}, {evaluator.layout}): {len(rows)} "
-                       f"configurations, {total_runs} CRF runs of {len(round_of) * len(files)} for the grid "
-                       f"({evaluator.crf_runs} made now) x {len(files)} images in "
-                       f"{seconds:.1f} s; best w1={best.w1:g} sigma_alpha={best.sigma_alpha:g} "
-                       f"sigma_beta={best.sigma_beta:g}: {key['objective_name']} {obj_s}")
+            (log or tqdm.write)(
+                f"crf search ({config.strategy}, {plan.backend} on {plan.device}, {evaluator.layout}): {len(rows)} "
+                f"configurations, {total_runs} CRF runs of {len(round_of) * len(files)} for the grid "
+                f"({evaluator.crf_runs} made now) x {len(files)} images in "
+                f"{seconds:.1f} s; best w1={best.w1:g} sigma_alpha={best.sigma_alpha:g} "
+                f"sigma_beta={best.sigma_beta:g}: {key['objective_name']} {obj_s}")
     return result

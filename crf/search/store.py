@@ -1,6 +1,7 @@
 """The search's results file, ``results.jsonl``: one JSON line per finished configuration, under the key of
-its search (image subset, objective, backend, fixed parameters), so that a killed search resumes and lines
-of another search are never mixed in (see ``crf.search``). Rank 0 alone reads and writes it."""
+its search (image subset, the digest of the inputs' contents, objective, backend, fixed parameters), so that
+a killed search resumes and lines of another search -- or of the same image ids with other contents -- are
+never mixed in (see ``crf.search``). Rank 0 alone reads and writes it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ __all__ = ["RESULTS_FILE", "subset_hash", "search_key", "read_results", "cut_tor
            "finite_or_none"]
 
 RESULTS_FILE = "results.jsonl"
+#: Key fields every line has had; the others (``inputs``) count as None where an older line lacks them.
+_REQUIRED = ("subset_hash", "objective_name", "backend", "fixed")
 
 
 def subset_hash(input_files: Sequence[str | os.PathLike]) -> str:
@@ -36,13 +39,17 @@ def subset_hash(input_files: Sequence[str | os.PathLike]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
-def search_key(config: SearchConfig, subset: str, backend: str | None = None) -> dict:
-    """The key every line of one search carries: the image subset, the objective, the backend that runs
-    (``backend``, the resolved choice of ``backend: auto``; default ``config.backend``) and the fixed
-    parameters (w2, sigma_gamma, iterations). Lines under another key belong to another search. The
-    strategy is not part of it: a line holds a configuration's confusion over its first ``images`` images
-    (in the order of ``image_order``), which both strategies use and extend."""
-    return {"subset_hash": subset, "objective_name": config.objective_name, "backend": backend or config.backend,
+def search_key(config: SearchConfig, subset: str, backend: str | None = None, inputs: str | None = None) -> dict:
+    """The key every line of one search carries: the image subset, ``inputs`` (the digest of the search
+    input files' contents, ``crf.search.plan.inputs_digest``; None for a callable objective, whose files are
+    names only), the objective, the backend that runs (``backend``, the resolved choice of ``backend:
+    auto``; default ``config.backend``) and the fixed parameters (w2, sigma_gamma, iterations). Lines under
+    another key belong to another search: a file rewritten with other scores or labels under the same id
+    changes ``inputs`` (issue #20 item 6). The strategy is not part of it: a line holds a configuration's
+    confusion over its first ``images`` images (in the order of ``image_order``), which both strategies use
+    and extend."""
+    return {"subset_hash": subset, "inputs": inputs, "objective_name": config.objective_name,
+            "backend": backend or config.backend,
             "fixed": {"w2": config.w2, "sigma_gamma": config.sigma_gamma, "iterations": config.iterations}}
 
 
@@ -69,7 +76,7 @@ def read_results(path: str | os.PathLike, key: dict) -> tuple[dict[tuple, dict],
         try:
             rec = json.loads(raw)
             params = CRFParams.from_dict(rec["params"])
-            rec_key = {k: rec[k] for k in ("subset_hash", "objective_name", "backend", "fixed")}
+            rec_key = {k: rec[k] if k in _REQUIRED else rec.get(k) for k in key}
         except Exception as exc:  # torn or otherwise broken line
             last = number == len(lines)
             what = "torn last line (a partial write, e.g. from a kill)" if last else "unreadable line"
@@ -78,7 +85,7 @@ def read_results(path: str | os.PathLike, key: dict) -> tuple[dict[tuple, dict],
             continue
         if rec_key != key:
             k = (rec_key["subset_hash"], rec_key["objective_name"], rec_key["backend"],
-                 json.dumps(rec_key["fixed"], sort_keys=True))
+                 json.dumps(rec_key["fixed"], sort_keys=True), rec_key.get("inputs"))
             foreign[k] = foreign.get(k, 0) + 1
             continue
         rec["params"] = params.to_dict()
@@ -87,12 +94,12 @@ def read_results(path: str | os.PathLike, key: dict) -> tuple[dict[tuple, dict],
             records[k] = rec
     n_foreign = sum(foreign.values())
     if n_foreign:
-        other = "; ".join(f"subset {k[0]}, objective {k[1]}, backend {k[2]}, fixed {k[3]}: {n} line(s)"
-                          for k, n in foreign.items())
+        other = "; ".join(f"subset {k[0]}, objective {k[1]}, backend {k[2]}, fixed {k[3]}, inputs {k[4]}: "
+                          f"{n} line(s)" for k, n in foreign.items())
         warnings.warn(f"results file {path}: {n_foreign} line(s) of another search ignored, never mixed in "
                       f"(this search: subset {key['subset_hash']}, objective {key['objective_name']}, backend "
-                      f"{key['backend']}, fixed {json.dumps(key['fixed'], sort_keys=True)}; other: {other})",
-                      stacklevel=2)
+                      f"{key['backend']}, fixed {json.dumps(key['fixed'], sort_keys=True)}, inputs "
+                      f"{key.get('inputs')}; other: {other})", stacklevel=2)
     return records, n_foreign, torn
 
 

@@ -1,27 +1,39 @@
 """The ``crf`` stage: the fully connected CRF (paper Sec. 4.2) on every test image's cached scores.
 
 Reads: ``scores/<id>.npz`` (score cache), the test images, ``crf_search/best.json`` (when
-``crf.use_search``). Writes: ``predictions/crf/<id>.png`` (VOC palette). Runs through
-``crf.parallel.run_crf_many``: on CPU one single-threaded process per core; with ``crf.device: cuda``
-in this process, batches of images through the torch backend within ``crf.memory_mb``. With
-``crf.backend: auto`` each image runs in torch when it fits the budget, else in pydensecrf; the record
-says how many images each backend ran. Finished images are kept.
+``crf.use_search``). Writes: ``predictions/crf/<id>.png`` (VOC palette) and ``predictions/crf/.backend.json``
+(the backend the images were made with). Runs through ``crf.parallel.run_crf_many``: on CPU one
+single-threaded process per core; with ``crf.device: cuda`` in this process, batches of images through the
+torch backend within ``crf.memory_mb``.
+
+``crf.backend: auto`` is resolved ONCE, before any work, from the configuration and the images' sizes
+(``crf.parallel.run_backend``: torch when the largest image fits ``crf.memory_mb``, or a fixed 4096 MiB
+when unset; never this machine's memory), and every image runs in that backend. Its outputs differ from the
+other backend's in the last bits, so a resumed stage never mixes the two (issue #20 item 6): images made by
+another backend (``.backend.json``) are redone. The record names the backend that ran and its device.
+Finished images are kept. The stage runs on rank 0 alone (``distributed.DISTRIBUTED_STAGES``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from crf import CRFParams
+from crf.backend_choice import BackendChoice
 from crf.inputs import check_backend
-from crf.parallel import CRFTask, run_crf_many
+from crf.parallel import CRFTask, run_backend, run_crf_many
 
+from ..atomic import atomic_write_json
 from ..context import RunContext, StageError
 from ..data.io import read_image, write_label
 from ..engine.inference import ScoreMap
+
+#: The file in ``predictions/crf/`` that names the backend and device its images were made with.
+BACKEND_FILE = ".backend.json"
 
 
 def crf_inputs(task: CRFTask) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +51,49 @@ def crf_params(ctx: RunContext) -> tuple[CRFParams, str]:
     if best is not None:
         return best, "crf_search best"
     return ctx.cfg.crf.params, "config"
+
+
+def crf_backend(ctx: RunContext, caches: list[Path]) -> BackendChoice:
+    """The backend every image of the stage runs in: ``crf.backend`` with ``auto`` resolved once from the
+    configuration (``crf.memory_mb``, ``crf.device``) and the (C, H, W) sizes of the upsampled scores (read
+    from the score caches' headers).
+
+    Raises:
+        StageError: a score cache that cannot be read (named).
+    """
+    c = ctx.cfg.crf
+    shapes = []
+    if c.backend == "auto":
+        for cache in caches:
+            try:
+                with np.load(cache, allow_pickle=False) as z:
+                    shapes.append((ctx.cfg.model.num_classes, int(z["height"]), int(z["width"])))
+            except (OSError, ValueError, KeyError) as exc:
+                raise StageError(f"crf: score cache {cache} is unreadable ({exc}); run the test stage again "
+                                 "(--redo test)") from exc
+    return run_backend(c.backend, c.device, shapes, memory_mb=c.memory_mb)
+
+
+def _same_backend_only(ctx: RunContext, choice: BackendChoice) -> None:
+    """Redo the images another backend made: a resumed stage never mixes backends."""
+    folder = ctx.layout.predictions("crf")
+    marker = folder / BACKEND_FILE
+    ran = {"backend": choice.backend, "device": choice.device}
+    old = None
+    if marker.is_file():
+        try:
+            old = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            old = {}
+    made = sorted(folder.glob("*.png"))
+    if made and old != ran:
+        what = f"backend {old.get('backend')} on {old.get('device')}" if old else "an unrecorded backend"
+        ctx.log.info(f"crf: {len(made)} images made by {what}, not {choice.backend} on {choice.device}: "
+                     "redoing them (the backends differ in the last bits)")
+        for f in made:
+            f.unlink()
+    if old != ran:
+        atomic_write_json(marker, ran)
 
 
 def run(ctx: RunContext) -> dict:
@@ -62,13 +117,16 @@ def run(ctx: RunContext) -> dict:
             raise StageError(f"crf: no cached scores for {s.id} ({cache}); run the test stage first")
         tasks.append(CRFTask(str(cache), str(ctx.layout.prediction("crf", s.id)), image=str(s.image)))
     c = ctx.cfg.crf
-    ctx.log.info(f"crf: {len(tasks)} images, params {params.to_dict()} from {origin}, backend {c.backend}, "
-                 f"device {c.device}")
+    choice = crf_backend(ctx, [Path(t.inputs) for t in tasks])
+    _same_backend_only(ctx, choice)
+    ctx.log.info(f"crf: {len(tasks)} images, params {params.to_dict()} from {origin}, backend {choice.backend} "
+                 f"on {choice.device} ({choice.reason})")
     summary = run_crf_many(
-        tasks, params, workers=c.workers, backend=c.backend, device=c.device, progress=ctx.progress,
+        tasks, params, workers=c.workers, backend=choice.backend, device=choice.device, progress=ctx.progress,
         load=crf_inputs, write=write_label, memory_mb=c.memory_mb,
     )
     mean = summary.crf_seconds / summary.done if summary.done else 0.0
     ctx.log.info(summary.line())
     return {"params": params.to_dict(), "params_from": origin, "images": len(samples), "seconds_per_image": mean,
-            "backend": c.backend, "backends": summary.backends, "layout": summary.layout}
+            "backend": choice.backend, "device": choice.device, "backend_requested": c.backend,
+            "backend_reason": choice.reason, "backends": summary.backends, "layout": summary.layout}

@@ -10,7 +10,11 @@ for the trimap objective, the band), then hands the files to ``crf.search.run_se
 every configuration on every image (on all cores; across machines with torchrun) and appends each
 finished configuration to ``results.jsonl`` so that a killed search resumes. ``crf_search.strategy:
 halving`` scores the configurations on growing shares of the images (successive halving); ``backend:
-auto`` (the default) runs the torch backend where it fits its memory budget; the record names both.
+auto`` (the default) runs the torch backend where it fits its memory budget; the record names both, and the
+device. Under torchrun every rank takes part: the stage hands its ranks to the search explicitly, on one gloo
+group (the default group when it is gloo, else one made for the stage and destroyed at its end), and rank 0
+decides the search's plan for all (``crf.search.plan``). The result (best parameters, objective, CRF runs)
+goes to ``run.log`` and the console, with ``--no-progress`` too.
 
 Reads: ``scores/<id>.npz``, the test images and labels. Writes: ``crf_search/images.txt``,
 ``crf_search/samples/<id>.npz`` (search input files), and through ``run_search`` ``results.jsonl``,
@@ -20,13 +24,16 @@ Reads: ``scores/<id>.npz``, the test images and labels. Writes: ``crf_search/ima
 from __future__ import annotations
 
 import dataclasses
+import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from crf.input_files import write_search_input
-from crf.search import run_search
+from crf.search import Distributed, run_search
 from crf.trimap import trimap_band
 
 from ..atomic import atomic_write_text
@@ -53,6 +60,26 @@ def make_search_input(path: Path, image_path: Path, label_path: Path, scores_pat
     probs = torch.softmax(ScoreMap.load(scores_path).upsampled(), 0).numpy().astype(np.float16)
     band = trimap_band(label, trimap_width) if trimap_width is not None else None
     write_search_input(path, image, probs, label, band)
+
+
+@contextmanager
+def search_ranks(ctx: RunContext) -> Iterator[Distributed]:
+    """The ranks of the run as the search's :class:`crf.search.Distributed`: one gloo group for the whole
+    search -- the default group when it is gloo, else a gloo group made here once (the confusion matrices are
+    CPU tensors, which NCCL cannot reduce) and destroyed on leaving (issue #20 items 8, 9). One process: the
+    single process."""
+    info = ctx.dist
+    if not info.active:
+        yield Distributed()
+        return
+    import torch.distributed as dist
+
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    try:
+        yield Distributed(info.rank, info.world, group, info.local_world)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
 
 
 def run(ctx: RunContext) -> dict:
@@ -85,8 +112,13 @@ def run(ctx: RunContext) -> dict:
         search, label="DIAGNOSTIC degraded-ground-truth scores, not a network" if diagnostic else "")
     ctx.log.info(f"crf_search: {len(ids)} images, objective {search.objective}"
                  f"{' on DIAGNOSTIC degraded-GT scores' if diagnostic else ''}")
-    result = run_search(files, ctx.layout.crf_search, search, progress=ctx.progress)
+    with search_ranks(ctx) as ranks:
+        result = run_search(files, ctx.layout.crf_search, search, progress=ctx.progress, dist=ranks,
+                            log=ctx.log.info)
+    best = ctx.layout.crf_search / "best.json"
+    record = json.loads(best.read_text()) if ctx.dist.is_main else {}
     return {"images": len(ids), "best": result.best.to_dict(), "objective": search.objective,
             "best_objective": result.best_objective, "backend": result.backend,
-            "backend_reason": result.backend_reason, "strategy": result.strategy,
+            "backend_reason": result.backend_reason, "device": record.get("device"),
+            "inputs_digest": record.get("inputs_digest"), "strategy": result.strategy,
             "crf_runs": result.crf_runs_total}

@@ -8,7 +8,9 @@ Finished images are skipped, so a killed stage continues where it stopped.
 How: loader workers read the images and pad them (``ViewDataset``), the network runs ``test.batch_size``
 images per forward (exact: every image is padded to the same size), in ``test.precision``, and a
 background writer compresses the score files and encodes the PNGs. Under torchrun each rank scores every
-``world``-th image of the list (``distributed.shard``) and writes its own images' files.
+``world``-th image of the list (``distributed.shard``) and writes its own images' files: the split is a function
+of the list, the rank and the world size alone (never of a rank's cores, load or memory, which set only its
+loader workers), so every image is scored by exactly one rank whatever the machines (issue #20 item 1).
 """
 
 from __future__ import annotations
