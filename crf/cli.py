@@ -155,9 +155,13 @@ def cmd_search(args) -> int:
             problems.append(str(exc))
     if problems:
         raise bad_files_error(problems, "search inputs")
-    result = run_search(files, args.out, config, progress=not args.no_progress)
-    print(f"best: {json.dumps(result.best.to_dict())}; {config.objective_name} {result.best_objective}; "
-          f"{args.out / 'best.json'}")
+    from .search.cli import torchrun_ranks
+
+    with torchrun_ranks() as ranks:  # under torchrun every rank computes its share of one plan
+        result = run_search(files, args.out, config, progress=not args.no_progress, dist=ranks)
+        if ranks.rank == 0:
+            print(f"best: {json.dumps(result.best.to_dict())}; {config.objective_name} {result.best_objective}; "
+                  f"{args.out / 'best.json'}")
     return 0
 
 
