@@ -16,8 +16,8 @@ _DONE: dict[str, object] = {}
 
 
 def configure_process(log: Optional[Callable[[str], None]] = None) -> dict[str, object]:
-    """Apply the run's process settings once and log them (the first call logs; later ones return the
-    same settings):
+    """Apply the run's process settings (once per process) and log them (every call with a ``log``, so
+    that each run's log states them):
 
     * OpenCV on one thread (``cv2.setNumThreads(1)``): the DataLoader's worker processes are the data
       parallelism (each runs OpenCV on one thread, ``data.loader``), and no OpenCV thread pool is
@@ -40,8 +40,8 @@ def configure_process(log: Optional[Callable[[str], None]] = None) -> dict[str, 
 
         cv2.setNumThreads(1)
         _DONE.update(opencv_threads=1, glibc_reuse_freed_memory=reuse_freed_memory())
-        if log is not None:
-            reuse = "on" if _DONE["glibc_reuse_freed_memory"] else "not available (no glibc)"
-            log(f"process settings: OpenCV 1 thread (data workers are the parallelism); glibc keeps freed "
-                f"memory for reuse: {reuse}")
+    if log is not None:
+        reuse = "on" if _DONE["glibc_reuse_freed_memory"] else "not available (no glibc)"
+        log(f"process settings: OpenCV 1 thread (data workers are the parallelism); glibc keeps freed "
+            f"memory for reuse: {reuse}")
     return dict(_DONE)
