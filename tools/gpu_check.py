@@ -12,7 +12,8 @@ Parts, in order (each ``ok``, ``failed`` or ``skipped`` with its reason and seco
    identical labels per image (and on CUDA, against the torch backend on the CPU). ``ok`` when every
    image agrees on at least 99 % of its pixels, the bar of the CPU agreement test
    (``tests/test_crf_torch.py``).
-4. **CRF ms/image**: the torch backend batched (``tools/bench_pipeline.py``'s CRF row).
+4. **CRF ms/image**: the torch backend batched (``tools/bench_pipeline.py``'s CRF row); on CUDA also its
+   peak allocated memory against ``crf.backend_choice.torch_memory_mb``'s estimate (measured on CPU).
 5. **search pairs/s**: ``crf.search.run_search`` in-process (``bench_pipeline``'s search row).
 6. **network rows**: ``bench_pipeline``'s CUDA rows (LargeFOV train 321 / test 513, fp32 and bf16).
 
@@ -151,8 +152,18 @@ def crf_speed(device: str, images: int, batch: int, size: tuple[int, int]) -> di
     """``bench_pipeline``'s CRF row: torch, batched, ms per image of ``size`` (H, W)."""
     from bench_pipeline import bench_crf
 
-    return {"ms_per_image": round(bench_crf(images, "torch", device, batch, size), 1), "batch": batch,
-            "images": images, "size": f"{size[1]}x{size[0]}", "labels": 21, "iterations": 10}
+    from crf.backend_choice import torch_memory_mb
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    result = {"ms_per_image": round(bench_crf(images, "torch", device, batch, size), 1), "batch": batch,
+              "images": images, "size": f"{size[1]}x{size[0]}", "labels": 21, "iterations": 10}
+    if device == "cuda":  # the per-pixel estimate was measured as CPU peak RSS (crf.backend_choice)
+        result["peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+        result["estimate_mib"] = round(torch_memory_mb(size[0] * size[1] * batch, 21), 1)
+        result["estimate_covers_peak"] = result["estimate_mib"] >= result["peak_mib"]
+    return result
 
 
 def search_speed(device: str, configs: int, images: int, size: tuple[int, int]) -> dict[str, Any]:
@@ -245,7 +256,9 @@ def _summary(p: dict[str, Any]) -> str:
         return (f"{r['images']} images ({r['source']}): {r['all_identical']} with identical labels, "
                 f"min {r['min_identical']:.4%} identical{extra}")
     if "ms_per_image" in r:
-        return f"{r['ms_per_image']} ms/image (batch {r['batch']}, {r['size']}, {r['labels']} labels, 10 iterations)"
+        memory = (f"; peak {r['peak_mib']} MiB, estimate {r['estimate_mib']} MiB "
+                  f"({'covers' if r['estimate_covers_peak'] else 'BELOW'} the peak)") if "peak_mib" in r else ""
+        return f"{r['ms_per_image']} ms/image (batch {r['batch']}, {r['size']}, {r['labels']} labels, 10 iterations){memory}"
     if "pairs_per_s" in r:
         return f"{r['pairs_per_s']} (configuration, image) pairs/s over {r['pairs']} pairs of {r['size']}, {r['layout']}"
     if "rows" in r:
