@@ -72,14 +72,18 @@ def torch_memory_mb(pixels: int, classes: int, configs: int = 1) -> float:
 
 def default_memory_mb(device: str = "cpu", processes: int = 1) -> float:
     """The budget when none is given, MiB: on CPU half the physical memory shared among ``processes``
-    (at most :data:`MAX_DEFAULT_MEMORY_MB`); on CUDA half the device's free memory (4096 where it cannot
-    be asked)."""
+    (at most :data:`MAX_DEFAULT_MEMORY_MB`); on CUDA half the device's free memory, counting what
+    PyTorch's caching allocator holds unused as free (``crf.memory.cuda_free_mb``: the test net's freed
+    blocks are still reserved when the CRF starts), 4096 where it cannot be asked.
+
+    The per-pixel estimate it is compared with (:func:`torch_memory_mb`) was measured as CPU peak RSS;
+    on CUDA an estimate that is too low ends in ``crf.memory.CRFOutOfMemory`` (a one-line error naming
+    the budget), never in another result (issue #20)."""
     if device.startswith("cuda"):
         try:
-            import torch
+            from .memory import cuda_free_mb
 
-            free, _ = torch.cuda.mem_get_info(torch.device(device))
-            return free / 2**20 / 2
+            return cuda_free_mb(device) / 2
         except Exception:  # noqa: BLE001 - no CUDA here: the torch backend will say so when it runs
             return 4096.0
     try:

@@ -94,7 +94,10 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams, backend: 
         backend: ``"pydensecrf"`` (CPU), ``"torch"`` (``crf.torch_backend``) or ``"auto"`` (torch when it is
             installed and this image fits ``memory_mb``, else pydensecrf; ``crf.backend_choice``).
         device: ``"cpu"``; with ``backend="torch"`` or ``"auto"`` also ``"cuda"`` / ``"cuda:N"``.
-        memory_mb: the torch backend's budget for ``"auto"``, MiB (None: ``default_memory_mb``).
+        memory_mb: the torch backend's budget, MiB: it chooses the backend under ``"auto"`` (None:
+            ``crf.backend_choice.default_memory_mb``) and bounds the torch backend's working memory when
+            it runs (None with ``"torch"``: ``crf.torch_backend.DEFAULT_MEMORY_MB``). Results do not
+            depend on it (larger problems run in chunks).
 
     Returns:
         Q: (C, H, W) float32 marginals after ``params.iterations`` mean-field iterations, summing to 1
@@ -113,9 +116,10 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams, backend: 
         from .backend_choice import resolve_backend
 
         choice = resolve_backend(backend, device, [probs.shape], memory_mb=memory_mb)
-        backend, device = choice.backend, choice.device
+        backend, device, memory_mb = choice.backend, choice.device, choice.memory_mb
     if backend == "pydensecrf":
         return dense_crf_pydensecrf(image, probs, params)
-    from .torch_backend import dense_crf_torch
+    from .torch_backend import DEFAULT_MEMORY_MB, dense_crf_torch
 
-    return np.asarray(dense_crf_torch(image, probs, params, device=device), dtype=np.float32)
+    budget = DEFAULT_MEMORY_MB if memory_mb is None else memory_mb
+    return np.asarray(dense_crf_torch(image, probs, params, device=device, memory_mb=budget), dtype=np.float32)

@@ -184,7 +184,7 @@ def _run_task(task: CRFTask, params: CRFParams, backend: str, device: str,
         image, probs = check_inputs(image, probs)
         choice = resolve_backend(backend, device, [probs.shape], memory_mb=memory_mb)
         t0 = time.perf_counter()
-        q = dense_crf(image, probs, params, backend=choice.backend, device=choice.device)
+        q = dense_crf(image, probs, params, backend=choice.backend, device=choice.device, memory_mb=choice.memory_mb)
         seconds = time.perf_counter() - t0
         if q.shape[0] > 256:
             raise CRFInputError(f"{q.shape[0]} classes do not fit a uint8 label map")

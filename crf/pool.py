@@ -112,7 +112,10 @@ def worker_init(threads: int, backend: str, initializer: Optional[Callable[..., 
     if backend in ("torch", "auto"):
         import torch
 
+        from .memory import reuse_freed_memory
+
         torch.set_num_threads(threads)
+        reuse_freed_memory()  # glibc keeps freed blocks: this worker process is crf's own (crf.memory)
     if initializer is not None:
         initializer(*initargs)
 

@@ -22,16 +22,13 @@ run as extra channels through one filter, the first iteration's filtering (of ``
 for all) is done once, the Potts weights are applied on the lattice (fewer rows than pixels), and
 both kernels are sliced in one gather. Several images run through one lattice whose point sets are
 kept apart (:class:`~crf.permutohedral.PermutohedralLattice` segments). Configurations run in groups
-and channels in chunks so that memory stays bounded. On CPU, glibc is told to reuse freed blocks
-(:func:`reuse_freed_memory`), which removes the page faults that otherwise dominate the time.
+and channels in chunks so that memory stays bounded (``memory_mb``, which also counts the cached
+Gaussian lattices). On CPU, an entry point that tells glibc to reuse freed blocks
+(:func:`crf.memory.reuse_freed_memory`) removes the page faults that otherwise dominate the time.
 """
 
 from __future__ import annotations
 
-import ctypes
-import platform
-import sys
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,6 +41,7 @@ from .params import CRFParams
 from .permutohedral import PermutohedralLattice, bilateral_features, gaussian_features
 from .step_times import StepTimes, Step, profile_steps
 from .errors import CRFInputError
+from .memory import LatticeCache, out_of_memory_hint
 
 __all__ = [
     "PairwiseTerm",
@@ -117,37 +115,6 @@ class PairwiseTerm:
 #: configurations share a lattice. On CUDA all configurations that fit the memory bound run as one group.
 CPU_GROUP_CHANNELS = 128
 
-_MALLOC_TUNED: list[bool] = []
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc keep freed large blocks for reuse instead of unmapping them (Linux/glibc only).
-
-    PyTorch's CPU allocator takes every tensor from ``malloc``; glibc serves blocks above its mmap
-    threshold with fresh ``mmap`` pages and unmaps them on ``free``, so every new ``(N, C)`` tensor of a
-    mean-field iteration page-faults anew. That costs more than the arithmetic: on a 2-core machine
-    ``F.embedding_bag`` of a VOC-sized slice took 10 ms with fresh pages and 1.9 ms with reused ones.
-    Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (``mallopt(3)``) keeps the blocks in the heap.
-    The process keeps its peak heap instead of returning it to the system. Called once by the CPU
-    paths of this module; a no-op elsewhere.
-
-    Returns:
-        True when the setting was applied (now or earlier), False where it does not apply.
-    """
-    if _MALLOC_TUNED:
-        return _MALLOC_TUNED[0]
-    applied = False
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        try:
-            libc = ctypes.CDLL(None)
-            m_trim_threshold, m_mmap_threshold = -1, -3
-            applied = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 31))
-        except (OSError, AttributeError):  # pragma: no cover - a libc without mallopt
-            applied = False
-    _MALLOC_TUNED.append(applied)
-    return applied
-
-
 def _group_size(terms: Sequence[PairwiseTerm], k: int, c: int, n: int, device: torch.device, memory_mb: float) -> tuple[int, int]:
     """(configurations per group, channels per pass) within ``memory_mb``."""
     lattice_rows = sum(t.lattice.num_lattice for t in terms)
@@ -207,8 +174,6 @@ def mean_field(
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise CRFInputError(f"iterations must be an integer >= 0, got {iterations!r}")
     device = unary.device
-    if device.type == "cpu":
-        reuse_freed_memory()
     for index, term in enumerate(terms):
         if term.lattice.num_points != n:
             raise CRFInputError(f"terms[{index}]: lattice has N={term.lattice.num_points} points, unary has N={n}")
@@ -319,26 +284,27 @@ def _check_params(params: object, name: str = "params") -> CRFParams:
 
 #: Gaussian (smoothness) lattices depend only on the image size and sigma_gamma, not on the image:
 #: the last few are kept (with their normalisation) for the calls that follow, e.g. the grid search's
-#: groups of one image, or images of one size.
-_GAUSSIAN_CACHE: "OrderedDict[tuple, tuple[PermutohedralLattice, torch.Tensor]]" = OrderedDict()
-_GAUSSIAN_CACHE_SIZE = 4
+#: groups of one image, or images of one size. Their bytes count against each call's ``memory_mb``.
+_GAUSSIAN_CACHE = LatticeCache(4)
 
 
 def _gaussian_lattice(sizes: list[tuple[int, int]], sigma_gamma: float,
                       device: torch.device) -> tuple[PermutohedralLattice, torch.Tensor]:
     """The Gaussian lattice of images of these sizes and its symmetric normalisation (cached)."""
-    key = (tuple(sizes), float(sigma_gamma), str(device))
-    hit = _GAUSSIAN_CACHE.get(key)
-    if hit is None:
+
+    def build() -> tuple[PermutohedralLattice, torch.Tensor]:
         features = torch.cat([gaussian_features(h, w, sigma_gamma, device) for h, w in sizes], dim=0)
-        segments = [h * w for h, w in sizes] if len(sizes) > 1 else None
-        lattice = PermutohedralLattice(features, segments=segments)
-        hit = _GAUSSIAN_CACHE[key] = (lattice, symmetric_normalization(lattice))
-        while len(_GAUSSIAN_CACHE) > _GAUSSIAN_CACHE_SIZE:
-            _GAUSSIAN_CACHE.popitem(last=False)
-    else:
-        _GAUSSIAN_CACHE.move_to_end(key)
-    return hit
+        lattice = PermutohedralLattice(features, segments=[h * w for h, w in sizes] if len(sizes) > 1 else None)
+        return lattice, symmetric_normalization(lattice)
+
+    return _GAUSSIAN_CACHE.get((tuple(sizes), float(sigma_gamma), str(device)), build)
+
+
+def _working_mb(memory_mb: float) -> float:
+    """What is left of ``memory_mb`` for one call's working memory after the cached lattices (trimmed to
+    at most half of it first), MiB."""
+    _GAUSSIAN_CACHE.trim(memory_mb * 2**20 / 2)
+    return max(memory_mb / 2, memory_mb - _GAUSSIAN_CACHE.nbytes() / 2**20)
 
 
 def _run_configs(
@@ -353,8 +319,6 @@ def _run_configs(
     Lattices are built once per distinct sigma_gamma / (sigma_alpha, sigma_beta) and dropped when no
     later configuration needs them."""
     device = unary.device
-    if device.type == "cpu":
-        reuse_freed_memory()
     c, n = unary.shape[1], unary.shape[2]
     sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
     seg_arg = [h * w for h, w in sizes] if len(sizes) > 1 else None
@@ -378,8 +342,9 @@ def _run_configs(
             PairwiseTerm(gaussian_lattice, w2, norm=gaussian_norm),
             PairwiseTerm(bilateral_lattice, w1, norm=bilateral_norm),
         ]
-        result = mean_field(unary, terms, iterations, num_configs=len(members), memory_mb=memory_mb,
-                            labels_only=labels_only)
+        with out_of_memory_hint(device, memory_mb):
+            result = mean_field(unary, terms, iterations, num_configs=len(members), memory_mb=_working_mb(memory_mb),
+                                labels_only=labels_only)
         out[torch.tensor(members, device=device)] = result
         del bilateral_lattice, bilateral_norm, terms
     return out

@@ -19,6 +19,7 @@ from .distributed import DistInfo, init_from_env
 from .errors import DeepLabError
 from .layout import RunLayout
 from .models.vgg import SPECS, VGGDeepLabSpec
+from .process import configure_process
 
 
 class StageError(DeepLabError, RuntimeError):
@@ -80,10 +81,12 @@ class RunContext:
         """The context of ``cfg``'s run folder (created), with its logger."""
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise StageError("device: cuda was asked for but CUDA is not available")
-        info = init_from_env(cfg.device)  # torchrun's process group (a no-op for one process)
+        info = init_from_env(cfg.device, uses_cuda="cuda" in (cfg.crf.device, cfg.crf_search.search.device))  # torchrun's group
         layout = RunLayout(cfg.run_dir).ensure()
         device = torch.device("cuda", info.local_rank) if cfg.device == "cuda" and info.active else torch.device(cfg.device)
-        return cls(cfg, layout, run_logger(layout, info.rank), device, progress and info.is_main, info)
+        log = run_logger(layout, info.rank)
+        configure_process(log.info)  # the run decides the process-wide settings, once, logged
+        return cls(cfg, layout, log, device, progress and info.is_main, info)
 
     @property
     def v1_spec(self) -> Optional[VGGDeepLabSpec]:

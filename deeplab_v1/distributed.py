@@ -73,28 +73,30 @@ def current() -> DistInfo:
                     int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
 
 
-def init_from_env(device: str = "cpu", timeout_s: float | None = None) -> DistInfo:
-    """Start the process group torchrun describes (``WORLD_SIZE`` > 1), once; NCCL for ``device: cuda``
-    (each rank on ``cuda:LOCAL_RANK``), gloo for ``cpu``.
+def init_from_env(device: str = "cpu", timeout_s: float | None = None, *, uses_cuda: bool = False) -> DistInfo:
+    """Start the process group torchrun describes (``WORLD_SIZE`` > 1), once; NCCL for ``device: cuda``,
+    gloo for ``cpu``. Where the run uses CUDA at all (``device: cuda``, or ``uses_cuda``: the CRF or the
+    search on ``cuda`` beside a CPU network), each rank's current CUDA device is ``cuda:LOCAL_RANK``, so
+    that a device named ``"cuda"`` is this rank's GPU, never every rank's ``cuda:0`` (issue #20).
 
     Args:
         timeout_s: collective timeout (default ``DEEPLAB_DIST_TIMEOUT_S`` or 1800 s); only a rank that
             hangs without dying waits for it.
+        uses_cuda: some part of the run other than the network runs on CUDA.
 
     Raises:
-        RankError: more ranks on a machine than CUDA devices.
+        RankError: the run uses CUDA and a machine has more ranks than CUDA devices.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return current()
     if not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        backend = "gloo"
-        if device == "cuda":
+        if device == "cuda" or uses_cuda:
             if local >= torch.cuda.device_count():
                 raise RankError(f"local rank {local} has no CUDA device ({torch.cuda.device_count()} visible); "
                                 "start at most one process per GPU (--nproc_per_node)")
             torch.cuda.set_device(local)
-            backend = "nccl"
+        backend = "nccl" if device == "cuda" else "gloo"
         timeout = timedelta(seconds=float(timeout_s or os.environ.get("DEEPLAB_DIST_TIMEOUT_S", 1800)))
         dist.init_process_group(backend, timeout=timeout)
         atexit.register(_destroy)

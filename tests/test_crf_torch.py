@@ -24,7 +24,6 @@ from crf.torch_backend import (
     dense_crf_torch_grid,
     mean_field,
     resolve_device,
-    reuse_freed_memory,
     symmetric_normalization,
     unary_from_probs,
 )
@@ -219,16 +218,6 @@ def test_gaussian_lattice_cache_serves_each_size_its_own():
     dense_crf_torch(*other, PARAMS_A)
     dense_crf_torch(*other, CRFParams(w1=5, sigma_alpha=50, sigma_beta=5, sigma_gamma=2))
     np.testing.assert_array_equal(dense_crf_torch(*first, PARAMS_A), a)
-
-
-def test_reuse_freed_memory_is_idempotent():
-    import platform
-    import sys
-
-    applied = reuse_freed_memory()
-    assert reuse_freed_memory() is applied
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        assert applied
 
 
 def test_input_checks_name_the_argument():

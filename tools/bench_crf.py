@@ -148,6 +148,9 @@ def _worker(task: dict, queue) -> None:
         from crf.torch_backend import dense_crf_torch, dense_crf_torch_grid
 
         torch.set_num_threads(task["threads"])
+        from crf.memory import reuse_freed_memory
+
+        reuse_freed_memory()  # an entry point's choice, as in a deeplab run (crf.memory)
         inputs = make_inputs(task["images"], task["voc"])
         single = CRFParams(w1=5, sigma_alpha=50, sigma_beta=5, iterations=ITERATIONS)
         grid = _grid(task["pairs"])

@@ -138,6 +138,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2,
                     help="passes over the layouts, alternating their order; each layout's best pass is shown")
     args = ap.parse_args()
+    from crf.memory import reuse_freed_memory
+
+    reuse_freed_memory()  # an entry point's choice, as in a deeplab run (crf.memory)
     import torch
 
     base = pick_configs(args.configs)

@@ -6,17 +6,22 @@ Rows (DeepLab-LargeFOV, 21 classes, random weights, synthetic inputs so that no 
   Caffe SGD step, in ``train.precision`` (fp32 on the CPU; fp32 and bf16 on CUDA), per crop;
 * **test** img/s at 513 x 513: ``engine.inference.predict_batch`` on 500 x 375 images padded to 513, in
   batches (the test stage's path minus the file reads and the background writer);
-* **crf** ms/image (optional, ``--crf``): ``crf.dense_crf`` (pydensecrf) on one 500 x 375 image, 10
-  mean-field iterations.
+* **crf** ms/image (by default): ``crf``'s default backend, torch (``crf.torch_backend.
+  dense_crf_torch_batch``), on 500 x 375 images with 21 labels, 10 mean-field iterations, in batches
+  (one image per call on the CPU, as the crf stage runs there; 8 on CUDA); ``--crf`` adds pydensecrf's
+  row (the reference, one thread);
+* **search** (configuration, image) pairs/s (by default): ``crf.search.run_search`` in-process (torch,
+  ``workers: 1``) on synthetic search inputs (``tools/bench_crf_search.py``), one round.
 
 Limit: the FLOP rate. A network row's FLOPs per image are counted with ``models.flops`` (2 FLOPs per
 multiply-add; LargeFOV: about 257 GFLOP per 513 forward, a train step at 321 is counted as 3x its
 forward: forward, and backward for inputs and weights). The device's rate is MEASURED with a large
 matmul in the row's dtype (CPU: fp32 on every thread; CUDA: the row's dtype), so the ratio says how
 close the network runs to what this device does on its best kernel, not to a data-sheet number.
-CUDA rows are skipped with a reason where no GPU is present. Usage:
+CUDA rows are skipped with a reason where no GPU is present. As an entry point it tells glibc to reuse
+freed memory (``crf.memory.reuse_freed_memory``, as a ``deeplab`` run does) and says so. Usage:
 
-    python tools/bench_pipeline.py [--quick] [--crf] [--batch N] [--device cpu|cuda|all]
+    python tools/bench_pipeline.py [--quick] [--crf] [--no-crf] [--batch N] [--device cpu|cuda|all]
 """
 
 from __future__ import annotations
@@ -130,29 +135,125 @@ def bench_test(device: str, precision: str, batch: int, images: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def bench_crf(images: int) -> float:
-    """Milliseconds per 500 x 375 image of the pydensecrf backend (10 iterations)."""
+def crf_inputs(count: int, size: tuple[int, int] = (375, 500)) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` random RGB images of ``size`` (H, W) with smooth 21-label probabilities (a DCNN's
+    stride-8 scores bilinearly upsampled)."""
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        logits = torch.randn(1, 21, -(-size[0] // 8), -(-size[1] // 8), generator=gen)
+        probs = torch.softmax(F.interpolate(logits, size=size, mode="bilinear", align_corners=True)[0], 0)
+        out.append((rng.integers(0, 256, (*size, 3), dtype=np.uint8), probs.numpy()))
+    return out
+
+
+CRF_PARAMS = dict(w1=4, sigma_alpha=49, sigma_beta=5, w2=3, sigma_gamma=3, iterations=10)
+
+
+def bench_crf(images: int, backend: str = "torch", device: str = "cpu", batch: int = 1,
+              size: tuple[int, int] = (375, 500)) -> float:
+    """Milliseconds per image of ``size`` (H, W; 10 iterations): ``backend`` torch in batches of
+    ``batch`` images (``dense_crf_torch_batch``, labels only, as the crf stage runs them), or pydensecrf."""
     from crf import CRFParams, dense_crf
 
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
-    logits = torch.randn(1, 21, 47, 63)
-    probs = torch.softmax(F.interpolate(logits, size=(375, 500), mode="bilinear", align_corners=True)[0], 0).numpy()
-    params = CRFParams(w1=4, sigma_alpha=49, sigma_beta=5, w2=3, sigma_gamma=3, iterations=10)
-    dense_crf(image, probs, params)
+    params = CRFParams(**CRF_PARAMS)
+    inputs = crf_inputs(max(1, batch), size)
+    if backend == "torch":
+        from crf.torch_backend import dense_crf_torch_batch
+
+        def run() -> None:
+            dense_crf_torch_batch([i for i, _ in inputs], [p for _, p in inputs], params, device=device,
+                                  labels_only=True)
+    else:
+        def run() -> None:
+            for image, probs in inputs:
+                dense_crf(image, probs, params, backend="pydensecrf")
+    run()
+    _sync(device)
+    calls = max(1, -(-images // len(inputs)))
     t0 = time.perf_counter()
-    for _ in range(images):
-        dense_crf(image, probs, params)
-    return (time.perf_counter() - t0) / images * 1e3
+    for _ in range(calls):
+        run()
+    _sync(device)
+    return (time.perf_counter() - t0) / (calls * len(inputs)) * 1e3
+
+
+def bench_search(device: str, configs: int, images: int, size: tuple[int, int] = (375, 500)) -> tuple[float, int]:
+    """(configuration, image) pairs per second of ``crf.search.run_search`` (torch, in-process) on
+    ``images`` synthetic search inputs of ``size`` (H, W; ``tools/bench_crf_search.py``'s images) and
+    about ``configs`` configurations of the paper's grid, one round; returns (pairs/s, pairs)."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_crf_search import NUM_CLASSES, pick_configs, synthetic
+
+    from crf.input_files import write_search_input
+    from crf.search import SearchConfig, run_search
+    from deeplab_v1.data.degraded import degraded_probs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for k in range(images):
+            image, label = synthetic(k, *size)
+            files.append(Path(tmp) / f"synthetic_{k:03d}.npz")
+            write_search_input(files[-1], image, degraded_probs(label, NUM_CLASSES).astype(np.float16), label)
+        base = pick_configs(configs)
+        cfg = SearchConfig(**{**base.__dict__, "workers": 1, "backend": "torch", "device": device})
+        pairs = len(cfg.coarse_grid()) * len(files)
+        t0 = time.perf_counter()
+        run_search(files, Path(tmp) / "out", cfg, progress=False)
+        return pairs / (time.perf_counter() - t0), pairs
+
+
+def network_rows(device: str, batch: int, quick: bool, f321: float, f513: float) -> list[tuple[str, ...]]:
+    """The train 321 / test 513 rows of ``device`` (fp32; and bf16 on CUDA)."""
+    rows: list[tuple[str, ...]] = []
+    steps = (2 if quick else 5) if device == "cpu" else (10 if quick else 50)
+    for precision in ["fp32"] if device == "cpu" else ["fp32", "bf16"]:
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        peak = matmul_rate(device, dtype, quick)
+        train_rate = bench_train(device, precision, batch, steps)
+        test_rate = bench_test(device, precision, batch, batch * steps)
+        for what, rate, flops in (("train 321", train_rate, 3 * f321), ("test 513", test_rate, f513)):
+            achieved = rate * flops
+            rows.append((device, what, precision, f"{batch}", f"{rate:.2f} img/s",
+                         f"{achieved / 1e12:.3f} / {peak / 1e12:.3f} TFLOP/s", f"{achieved / peak:.0%}"))
+    return rows
+
+
+def crf_rows(device: str, quick: bool) -> list[tuple[str, ...]]:
+    """The CRF row (torch, ms/image) and the search row (pairs/s) of ``device``."""
+    batch = 1 if device == "cpu" else 8
+    ms = bench_crf((1 if quick else 4) * batch, "torch", device, batch)
+    configs, images = (4, 2) if quick else (8, 4)
+    if device != "cpu":
+        configs, images = (24, 8) if quick else (48, 16)
+    rate, pairs = bench_search(device, configs, images)
+    return [(device, "crf 500x375", "fp32", f"{batch}", f"{ms:.0f} ms/image", "-", "torch, 10 iterations"),
+            (device, "search", "fp32", "-", f"{rate:.2f} pairs/s", "-",
+             f"{pairs} (configuration, image) pairs, torch in-process")]
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    head = ("device", "row", "precision", "batch", "throughput", "achieved / limit", "of limit")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few steps (a few minutes on a 2-core CPU)")
-    ap.add_argument("--crf", action="store_true", help="add the CRF row (pydensecrf, CPU)")
+    ap.add_argument("--crf", action="store_true", help="add the pydensecrf CRF row (the reference, CPU)")
+    ap.add_argument("--no-crf", action="store_true", help="leave out the CRF (torch) and search rows")
     ap.add_argument("--batch", type=int, help="images per step (default: 2 on the CPU, 16 on CUDA)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     args = ap.parse_args(argv)
+    from crf.memory import reuse_freed_memory
+
+    tuned = reuse_freed_memory()
     f513, f321 = forward_flops(513), forward_flops(321)
     rows: list[tuple[str, ...]] = []
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -162,33 +263,24 @@ def main(argv: list[str] | None = None) -> int:
             for what in ("train 321", "test 513"):
                 for precision in ("fp32", "bf16"):
                     rows.append(("cuda", what, precision, "-", "-", "-", "skipped: no CUDA device here"))
+            if not args.no_crf:
+                rows += [("cuda", what, "fp32", "-", "-", "-", "skipped: no CUDA device here")
+                         for what in ("crf 500x375", "search")]
             continue
         names.append(f"{device}: {device_name(device)}")
-        precisions = ["fp32"] if device == "cpu" else ["fp32", "bf16"]
-        batch = args.batch or (2 if device == "cpu" else 16)
-        steps = (2 if args.quick else 5) if device == "cpu" else (10 if args.quick else 50)
-        for precision in precisions:
-            dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-            peak = matmul_rate(device, dtype, args.quick)
-            train_rate = bench_train(device, precision, batch, steps)
-            test_rate = bench_test(device, precision, batch, batch * steps)
-            for what, rate, flops in (("train 321", train_rate, 3 * f321), ("test 513", test_rate, f513)):
-                achieved = rate * flops
-                rows.append((device, what, precision, f"{batch}", f"{rate:.2f} img/s",
-                             f"{achieved / 1e12:.3f} / {peak / 1e12:.3f} TFLOP/s", f"{achieved / peak:.0%}"))
+        rows += network_rows(device, args.batch or (2 if device == "cpu" else 16), args.quick, f321, f513)
+        if not args.no_crf:
+            rows += crf_rows(device, args.quick)
     if args.crf:
-        ms = bench_crf(1 if args.quick else 5)
+        ms = bench_crf(1 if args.quick else 5, "pydensecrf")
         rows.append(("cpu", "crf 500x375", "fp32", "1", f"{ms:.0f} ms/image", "-", "(pydensecrf, 1 thread)"))
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print("Devices: " + "; ".join(names or ["-"]))
     print(f"LargeFOV forward: {f513 / 1e9:.0f} GFLOP at 513, {f321 / 1e9:.0f} GFLOP at 321 (train step counted 3x); "
-          f"limit = measured matmul rate in the row's dtype; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"limit = measured matmul rate in the row's dtype; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"glibc reuses freed memory: {'yes' if tuned else 'no'}")
     print()
-    head = ("device", "row", "precision", "batch", "throughput", "achieved / limit", "of limit")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" for _ in head) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(rows)
     return 0
 
 

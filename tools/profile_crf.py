@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from crf.memory import reuse_freed_memory
+
+    reuse_freed_memory()  # an entry point's choice, as in a deeplab run (crf.memory)
     image, probs, name = load_image(args.voc_root, args.index, args.scale)
     load = os.getloadavg()
     print(f"image: {name}, {image.shape[1]} x {image.shape[0]}, 21 labels; torch {torch.__version__}, "

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import TrainDataset
 
-__all__ = ["TrainPositions", "TrainBatches", "epoch_index", "default_workers", "train_loader", "loader_kwargs"]
+__all__ = ["TrainPositions", "TrainBatches", "epoch_index", "default_workers", "train_loader", "loader_kwargs",
+           "opencv_one_thread"]
 
 
 @lru_cache(maxsize=8)
@@ -104,21 +105,24 @@ def default_workers(requested: Optional[int], local_world: int = 1) -> int:
     return max(1, min(8, cores // max(1, local_world) - 1))
 
 
+def opencv_one_thread(worker_id: int) -> None:
+    """``worker_init_fn`` of the loaders: OpenCV on one thread in a DataLoader worker process (the
+    workers are the parallelism; torch runs on one thread there too, as the DataLoader sets it)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def loader_kwargs(num_workers: int, device: torch.device, prefetch: int = 4) -> dict:
     """The DataLoader options shared by train and test: workers, pinned memory on CUDA, persistent
     workers and ``prefetch`` batches per worker (where there are workers).
 
-    With workers, OpenCV is made single-threaded in this process first: its thread pool does not survive
-    ``fork`` (a forked worker that touches it waits forever on a lock held by a thread that is not
-    there), and the workers are the parallelism anyway (each runs torch on one thread, as the DataLoader
-    sets it).
+    The workers run OpenCV on one thread (:func:`opencv_one_thread`, in the worker processes only); the
+    calling process's settings are its entry point's (``deeplab_v1.process``), never changed here.
     """
     kw: dict = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
     if num_workers > 0:
-        import cv2
-
-        cv2.setNumThreads(1)
-        kw.update(persistent_workers=True, prefetch_factor=prefetch)
+        kw.update(persistent_workers=True, prefetch_factor=prefetch, worker_init_fn=opencv_one_thread)
     return kw
 
 

@@ -167,10 +167,6 @@ class View:
     scale: float = 1.0
     flipped: bool = False
 
-    def pin_memory(self) -> "View":
-        """The view with ``x`` in pinned memory (what the DataLoader's ``pin_memory`` calls)."""
-        return View(self.x.pin_memory(), self.height, self.width, self.scale, self.flipped)
-
 
 def image_views(image_bgr: np.ndarray, *, size: int, scales: Sequence[float] = (1.0,), flip: bool = False,
                multiple: int = 8) -> list[View]:
@@ -194,6 +190,20 @@ def image_views(image_bgr: np.ndarray, *, size: int, scales: Sequence[float] = (
             padded, _ = pad_to(x, None, padded_size(sh, sw, max(1, round(size * s)), multiple))
             views.append(View(image_to_tensor(padded), sh, sw, float(s), flipped))
     return views
+
+
+def _pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def input_batch(xs: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The (N, 3, S, S) batch of views' inputs ``xs`` (each (3, S, S) on the CPU). For a CUDA ``device``
+    they are stacked straight into pinned (page-locked) memory, so that the copy to the GPU is
+    asynchronous: pinning each view and then stacking them, as the loader did, gave pageable memory
+    again (issue #20)."""
+    if device.type != "cuda":
+        return torch.stack(list(xs))
+    return torch.stack(list(xs), out=_pinned_empty((len(xs), *xs[0].shape), xs[0].dtype))
 
 
 @torch.no_grad()
@@ -225,7 +235,8 @@ def forward_views(model: nn.Module, views: Sequence[View], *, device: torch.devi
     for idx in groups.values():
         for first in range(0, len(idx), max(1, batch_size)):
             chunk = idx[first:first + max(1, batch_size)]
-            x = torch.stack([views[i].x for i in chunk]).to(device, non_blocking=True).contiguous(memory_format=memory)
+            x = input_batch([views[i].x for i in chunk], device).to(device, non_blocking=True)
+            x = x.contiguous(memory_format=memory)
             with autocast(device, precision):
                 y = net(x)
             y = y.float()

@@ -51,6 +51,14 @@ class KeyedDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._keys is None or not self.training or self.p == 0.0:
             return super().forward(x)
+        return self._keyed(x)
+
+    # Keys, generators and numpy change every step: traced by torch.compile they would be guarded on and
+    # recompiled each step; drawn eagerly, the compiled graphs around this layer stay the same (#20).
+    @torch.compiler.disable
+    def _keyed(self, x: torch.Tensor) -> torch.Tensor:
+        """The keyed masks applied to ``x`` (run eagerly, outside any compiled graph)."""
+        assert self._keys is not None
         if len(self._keys) != x.shape[0]:
             raise ValueError(f"dropout keys for {len(self._keys)} samples, batch of {x.shape[0]}")
         call, self._calls = self._calls, self._calls + 1
