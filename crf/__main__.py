@@ -3,6 +3,8 @@
 import sys
 
 from .cli import main
+from .memory import reuse_freed_memory
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # the entry point decides the process-wide allocator setting (speed only)
     sys.exit(main())

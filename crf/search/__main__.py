@@ -5,6 +5,8 @@ multiprocessing does not re-run a ``__main__`` submodule in them."""
 
 import sys
 
+from ..memory import reuse_freed_memory
 from .cli import main
 
+reuse_freed_memory()  # the entry point decides the process-wide allocator setting (speed only)
 sys.exit(main())
