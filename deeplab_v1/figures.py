@@ -189,16 +189,18 @@ def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, titl
 
 
 def search_heatmap(results: Sequence[Mapping], path: str | os.PathLike, *, objective_name: str = "mIoU",
-                   grid: Sequence[Sequence[float]] | None = None, title: str | None = None) -> list[Path]:
+                   grid: Sequence[Sequence[float]] | None = None, title: str | None = None,
+                   best: tuple[float, float, float] | None = None) -> list[Path]:
     """The CRF search's heatmap (``crf.search.report.heatmap_figure``, the one drawing of it: one panel per
-    w1, cells labelled in %, the best outlined, halving's dropped configurations in parentheses) written
-    as PNG, PDF and SVG.
+    w1, cells labelled in %, the search's best outlined and named in the title, halving's dropped
+    configurations grey and in parentheses) written as PNG, PDF and SVG.
 
     Args:
         results: the lines of ``crf_search/results.jsonl`` (``w1``, ``sigma_alpha``, ``sigma_beta``,
             ``objective`` as a fraction, optional ``images``).
         path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
-        objective_name, grid, title: as ``heatmap_figure``'s.
+        objective_name, grid, title, best: as ``heatmap_figure``'s (``best``: ``best.json``'s parameters, the
+            ones the CRF used; default: the best of the results scored on the most images).
 
     Returns:
         The files written, PNG first.
@@ -208,7 +210,8 @@ def search_heatmap(results: Sequence[Mapping], path: str | os.PathLike, *, objec
     """
     from crf.search.report import heatmap_figure
 
-    return save_figure(heatmap_figure(results, grid=grid, objective_name=objective_name, title=title), path)
+    return save_figure(heatmap_figure(results, grid=grid, objective_name=objective_name, title=title,
+                                      best=best), path)
 
 
 def _percent(values: Sequence) -> list[float]:

@@ -3,7 +3,9 @@ a readable CRF-search heatmap, the trimap) as PNG, PDF and SVG: on a real run of
 
 from __future__ import annotations
 
+import html
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ from deeplab_v1.cli import main, resolve_experiment
 from deeplab_v1.config import load_config
 from deeplab_v1.figures import FIGURE_FORMATS, search_heatmap
 from deeplab_v1.runner import Runner
-from deeplab_v1.stages.report import headline, qualitative_rows
+from deeplab_v1.stages.report import _search_results, headline, qualitative_rows
+from crf.search.report import heatmap_cells
 
 QUICK = ["data.max_test_images=3", "crf_search.num_images=3", "crf_search.w1=[3, 5]", "crf_search.sigma_alpha=[30]",
          "crf_search.sigma_beta=[3, 5]", "crf.workers=1", "crf_search.workers=1"]
@@ -25,6 +28,54 @@ def demo_run(tmp_path_factory) -> Runner:
     runner = Runner(load_config(resolve_experiment("crf-demo"), QUICK + [f"output_dir={out}"]), progress=False)
     runner.run()
     return runner
+
+
+#: A successive-halving search of the 2 x 2 x 2 grid on 3 images: rungs of 1 and 3 images, no refinement.
+HALVING = QUICK[:2] + ["crf_search.sigma_alpha=[30, 50]", "crf_search.strategy=halving", "crf_search.eta=3",
+                       "crf_search.rounds=0", "crf.workers=1", "crf_search.workers=1"]
+
+
+@pytest.fixture(scope="module")
+def halving_run(tmp_path_factory) -> Runner:
+    out = tmp_path_factory.mktemp("halving")
+    runner = Runner(load_config(resolve_experiment("crf-demo"), HALVING + [f"output_dir={out}"]), progress=False)
+    runner.run()
+    return runner
+
+
+def _svg_texts(path) -> list[str]:
+    """Every text drawn in an SVG written with ``svg.fonttype: none`` (one string per ``<text>``)."""
+    return [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", path.read_text())]
+
+
+def test_halving_figure_marks_exactly_the_dropped_configurations(halving_run):
+    """Issue #21: every cell was marked "(dropped early)", the best included, since results.jsonl lists a
+    finalist once per rung; and the outlined best must be best.json's (the CRF's parameters)."""
+    layout = halving_run.layout
+    reached: dict[tuple, int] = {}
+    for line in (layout.crf_search / "results.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        key = tuple(float(rec["params"][k]) for k in ("w1", "sigma_alpha", "sigma_beta"))
+        reached[key] = max(reached.get(key, 0), int(rec["images"]))
+    best = json.loads((layout.crf_search / "best.json").read_text())
+    dropped = {k for k, n in reached.items() if n < best["images"]}
+    assert dropped and len(dropped) < len(reached) == 8  # some dropped, some finalists
+    best_key = (best["w1"], best["sigma_alpha"], best["sigma_beta"])
+    assert best_key not in dropped
+    s = halving_run.cfg.crf_search.search
+    data = heatmap_cells(_search_results(layout.crf_search / "results.jsonl"), grid=(s.w1, s.sigma_alpha, s.sigma_beta),
+                         best=best_key)
+    assert {k for k, c in data["cells"].items() if c["dropped"]} == dropped
+    assert data["best"] == best_key and data["best_on_grid"]
+    # the drawn figure: a value in parentheses for exactly the dropped cells, the finalists' plain
+    texts = _svg_texts(layout.root / "figures" / "crf_search.svg")
+    cells = [t for t in texts if re.fullmatch(r"\(?\d+\.\d+\)?", t)]
+    assert sorted(cells) == sorted(c["text"] for c in data["cells"].values())
+    assert sum(t.startswith("(") for t in cells) == len(dropped)
+    assert any(t.startswith("DIAGNOSTIC degraded-GT scores: CRF search") for t in texts)
+    title = " ".join(texts)  # the title's lines, each a text of its own
+    assert f"w1={best['w1']:g}, sigma_alpha={best['sigma_alpha']:g}, sigma_beta={best['sigma_beta']:g}" in title
+    assert "red box" in title and "dropped early by successive halving, scored on 1 of 3 images" in title
 
 
 def test_headline_says_what_the_run_is(tmp_path):
@@ -94,7 +145,10 @@ def test_heatmap_labels_every_cell_of_the_coarse_grid(tmp_path):
     svg = written[2].read_text()
     for r in rows[:8]:
         assert f"{100 * r['objective']:.1f}" in svg
-    assert "90.0" not in svg and "w1 = 4" not in svg  # the off-grid point is left out
+    texts = _svg_texts(written[2])
+    assert "90.0" not in texts and "w1 = 4" not in texts  # the off-grid point has no cell, no panel ...
+    title = " ".join(texts)  # ... but as the best (the refinement's) the title names it
+    assert "best (refined, off this grid; the CRF's parameters): w1=4, sigma_alpha=40, sigma_beta=4" in title
     with pytest.raises(ValueError, match="no configuration"):
         search_heatmap(rows[-1:], tmp_path / "none.png")
     # successive halving: a configuration scored on fewer images is in parentheses and never the best

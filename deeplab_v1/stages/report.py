@@ -162,6 +162,7 @@ def _figures(ctx: RunContext, trimap: dict) -> list[str]:
     """Draw the report's figures into ``figures/`` (PNG, PDF, SVG) and return their markdown section."""
     folder = ctx.layout.root / "figures"
     diag = " (DIAGNOSTIC degraded-GT scores)" if ctx.cfg.test.score_source != "network" else ""
+    diag_head = "DIAGNOSTIC degraded-GT scores: " if diag else ""
     lines = ["", "## Figures", "", "PNG for reading, PDF and SVG beside each for papers (`figures/`).", ""]
     rows = qualitative_rows(ctx)
     if rows:
@@ -172,12 +173,17 @@ def _figures(ctx: RunContext, trimap: dict) -> list[str]:
     results = _search_results(ctx.layout.crf_search / "results.jsonl")
     if results:
         s = ctx.cfg.crf_search.search
+        best = ctx.layout.best_params() if ctx.layout.read_best() is not None else None
+        name = ({"miou": "mIoU", "trimap_miou": f"trimap mIoU ({s.trimap_width} px)"}.get(s.objective, "objective")
+                if isinstance(s.objective, str) else "objective")
         try:
             search_heatmap(results, folder / "crf_search.png", grid=(s.w1, s.sigma_alpha, s.sigma_beta),
-                           objective_name={"miou": "mIoU", "trimap_miou": f"trimap mIoU ({s.trimap_width} px)"}.get(
-                               s.objective, "objective") if isinstance(s.objective, str) else "objective",
-                           title=f"CRF search on the coarse grid, best outlined{diag}")
-            lines += ["![CRF search](figures/crf_search.png)", ""]
+                           objective_name=name, title=f"{diag_head}CRF search on the coarse grid: {name} per configuration",
+                           best=None if best is None else (best.w1, best.sigma_alpha, best.sigma_beta))
+            lines += ["The CRF search on the coarse grid (the refinement's points off it are left out); the red box "
+                      "is the search's best, the parameters the CRF used (the title names them, also when the "
+                      "refinement put them off this grid); grey cells in parentheses were dropped early by "
+                      "successive halving.", "", "![CRF search](figures/crf_search.png)", ""]
         except ValueError:  # no finished configuration on the coarse grid
             pass
     if trimap:
