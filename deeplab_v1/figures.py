@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_write_bytes
 from .data.io import IGNORE_LABEL, VOC_CLASSES, voc_palette
+from .evaluation.plots import draw_trimap
 
 __all__ = ["FIGURE_FORMATS", "colorize", "blend", "side_by_side", "new_figure", "save_figure",
            "qualitative_figure", "search_heatmap", "trimap_figure", "class_names"]
@@ -214,21 +215,16 @@ def search_heatmap(results: Sequence[Mapping], path: str | os.PathLike, *, objec
                                       best=best), path)
 
 
-def _percent(values: Sequence) -> list[float]:
-    # None marks an empty band; matplotlib leaves a gap for NaN
-    return [float("nan") if v is None else 100.0 * float(v) for v in values]
-
-
 def trimap_figure(curves: Mapping[str, Mapping], path: str | os.PathLike, *, title: str | None = None) -> list[Path]:
-    """The paper's Fig. 5 for several runs: pixel accuracy and mIoU against the trimap width, one curve
-    per (run, method); DCNN dashed, DCNN-CRF solid, one colour per run.
+    """The paper's Fig. 5 for several runs (``deeplab_v1.evaluation.plots.draw_trimap``: pixel accuracy and
+    mIoU against the trimap width, one colour per run, DCNN dashed, DCNN-CRF solid, the legend below the
+    panels) written as PNG, PDF and SVG.
 
     Args:
         curves: a label such as ``"run-a DCNN-CRF"`` -> ``TrimapAccumulator.result()`` (``widths``,
-            ``pixel_accuracy``, ``miou``; fractions 0..1, None for empty bands). A label ending in
-            ``DCNN`` is drawn dashed.
+            ``pixel_accuracy``, ``miou``; fractions 0..1, None for empty bands).
         path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
-        title: optional figure title.
+        title: optional figure title (DIAGNOSTIC first for degraded-GT scores).
 
     Returns:
         The files written.
@@ -236,29 +232,7 @@ def trimap_figure(curves: Mapping[str, Mapping], path: str | os.PathLike, *, tit
     Raises:
         ValueError: no curves, or a curve without ``widths``/``pixel_accuracy``/``miou``.
     """
-    if not curves:
-        raise ValueError("trimap_figure: no curves")
-    fig = new_figure(11, 4.5)
-    axes = fig.subplots(1, 2)
-    colours = {}
-    for label, r in curves.items():
-        missing = [k for k in ("widths", "pixel_accuracy", "miou") if k not in r]
-        if missing:
-            raise ValueError(f"trimap_figure: curve {label!r} lacks {missing}")
-        run = label.rsplit(" ", 1)[0]
-        colour = colours.setdefault(run, f"C{len(colours) % 10}")
-        style = "--" if label.endswith("DCNN") else "-"
-        for ax, key in zip(axes, ("pixel_accuracy", "miou")):
-            ax.plot(r["widths"], _percent(r[key]), style, color=colour, marker=".", label=label)
-    for ax, ylabel in zip(axes, ("pixelwise accuracy %", "mean IOU %")):
-        ax.set_xlabel("trimap width (pixels)", fontsize=11)
-        ax.set_ylabel(ylabel, fontsize=11)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(draw_trimap(curves, title=title), path)
 
 
 def class_names(num_classes: int) -> list[str]:

@@ -189,7 +189,7 @@ def _figures(ctx: RunContext, trimap: dict) -> list[str]:
     if trimap:
         names = {"dcnn": "DCNN", "crf": "DCNN-CRF"}
         trimap_figure({names[k]: v for k, v in trimap.items() if k in names}, folder / "trimap.png",
-                      title=f"Trimap (paper Fig. 5){diag}")
+                      title=f"{diag_head}trimap, accuracy near object boundaries (paper Fig. 5)")
     return lines
 
 
