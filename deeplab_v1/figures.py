@@ -145,15 +145,26 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> list
     return written
 
 
-def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, title: str | None = None) -> list[Path]:
-    """The paper's Fig. 4: one row per image -- image, ground truth, DCNN, DCNN-CRF.
+#: The qualitative figure's width in inches: a page's text width (about 1,000 px at 110 dpi).
+PAGE_WIDTH_IN = 9.0
+
+
+def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, title: str | None = None,
+                       names: Sequence[str] | None = None) -> list[Path]:
+    """The paper's Fig. 4: one row per image -- image, ground truth, DCNN, DCNN-CRF -- and a colour key of
+    the classes shown.
+
+    The figure is ``PAGE_WIDTH_IN`` wide whatever the images' sizes: the panels share the width, each row
+    as tall as its image's aspect asks, with narrow gaps (issue #21: it was 3,250 px wide with large gaps).
+    The key (below the panels) lists only the classes some panel shows, in the VOC palette's colours.
 
     Args:
         rows: mappings with ``image`` ((H, W, 3) uint8 RGB), ``gt``, ``dcnn``, ``crf`` ((H, W) class
             indices; ``crf`` may be None when the CRF did not run) and ``caption`` (the row's label, e.g.
-            the image id and how much the CRF changed).
+            the image id and the CRF's gain near boundaries).
         path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
-        title: optional figure title.
+        title: optional figure title (wrapped to the width).
+        names: the name of each class index (default: :func:`class_names`, the VOC names).
 
     Returns:
         The files written (``save_figure``).
@@ -161,15 +172,27 @@ def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, titl
     Raises:
         ValueError: no rows.
     """
+    import textwrap
+
+    from matplotlib.patches import Patch
+
     if not rows:
         raise ValueError("qualitative_figure: no rows")
     with_crf = any(r.get("crf") is not None for r in rows)
     heads = ["Image", "Ground truth", "DCNN output"] + (["DCNN-CRF output"] if with_crf else [])
-    aspect = max(r["image"].shape[1] / r["image"].shape[0] for r in rows)
-    cell = 2.6
-    height = cell * len(rows) + (0.6 if title else 0.2)
-    fig = new_figure(cell * aspect * len(heads), height)
-    axes = np.atleast_2d(fig.subplots(len(rows), len(heads), squeeze=False))
+    caption_w = 1.3  # inches for the row captions at the left
+    col_w = (PAGE_WIDTH_IN - caption_w) / len(heads)
+    ratios = [r["image"].shape[0] / r["image"].shape[1] for r in rows]
+    text = textwrap.fill(title, 95) if title else ""
+    present = sorted({int(c) for r in rows for k in ("gt", "dcnn", "crf") if r.get(k) is not None
+                      for c in np.unique(r[k])})
+    names = list(names) if names is not None else class_names(IGNORE_LABEL)
+    key = [c for c in present if c < len(names) or c == IGNORE_LABEL]
+    key_rows = -(-len(key) // 6)
+    height = sum(col_w * q for q in ratios) + 0.3 + 0.25 * (text.count("\n") + 1 if text else 0) + 0.3 * key_rows + 0.2
+    fig = new_figure(PAGE_WIDTH_IN, height, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.01, hspace=0.01)
+    axes = np.atleast_2d(fig.subplots(len(rows), len(heads), squeeze=False, gridspec_kw={"height_ratios": ratios}))
     for i, r in enumerate(rows):
         panels = [r["image"], colorize(r["gt"]), colorize(r["dcnn"])]
         if with_crf:
@@ -180,12 +203,17 @@ def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, titl
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(heads[j], fontsize=12)
-        axes[i, 0].set_ylabel(r.get("caption", ""), fontsize=10)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    # leave the title its own strip above the column heads
-    fig.tight_layout(pad=0.4, rect=(0, 0, 1, 1 - (0.45 / height if title else 0)))
+                ax.set_title(heads[j], fontsize=10)
+        # horizontal, left of the row: readable however short the row is
+        axes[i, 0].set_ylabel(r.get("caption", ""), fontsize=8, rotation=0, ha="right", va="center")
+    palette = voc_palette()
+    handles = [Patch(facecolor=palette[c] / 255.0, edgecolor="black", linewidth=0.5,
+                     label="void (not scored)" if c == IGNORE_LABEL else names[c]) for c in key]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize=9,
+                   title="colour key", title_fontsize=9, frameon=False)
+    if text:
+        fig.suptitle(text, fontsize=11)
     return save_figure(fig, path)
 
 

@@ -17,6 +17,8 @@ from deeplab_v1.figures import FIGURE_FORMATS, search_heatmap
 from deeplab_v1.runner import Runner
 from deeplab_v1.stages.report import _search_results, headline, qualitative_rows
 from crf.search.report import heatmap_cells
+from crf.trimap import trimap_band
+from deeplab_v1.data.io import VOC_CLASSES
 
 QUICK = ["data.max_test_images=3", "crf_search.num_images=3", "crf_search.w1=[3, 5]", "crf_search.sigma_alpha=[30]",
          "crf_search.sigma_beta=[3, 5]", "crf.workers=1", "crf_search.workers=1"]
@@ -112,21 +114,44 @@ def test_every_figure_in_png_pdf_and_svg(demo_run):
     assert "DIAGNOSTIC" in (folder / "trimap.svg").read_text()
 
 
-def test_qualitative_rows_are_the_images_the_crf_changed_most_and_least(demo_run):
+def test_qualitative_rows_are_the_crfs_largest_gains_and_losses_near_boundaries(demo_run):
+    """Issue #21: rows picked by the CRF's gain in the 5 px trimap band (largest gains, largest losses),
+    not by "least changed" (often all-background DCNN output)."""
     ctx = demo_run.ctx
-    rows = qualitative_rows(ctx, per_end=1)
-    assert len(rows) == 2
-    changes = {}
+    gains = {}
     for s in ctx.test_samples():
+        gt = np.array(Image.open(s.label))
         dcnn = np.array(Image.open(ctx.layout.prediction("dcnn", s.id)))
         crf = np.array(Image.open(ctx.layout.prediction("crf", s.id)))
-        changes[s.id] = float(np.mean(dcnn != crf))
-    ids = [r["caption"].split("\n")[0] for r in rows]
-    assert ids == [max(changes, key=changes.get), min(changes, key=changes.get)]
+        band = trimap_band(gt, 5)
+        gains[s.id] = 100 * (np.mean(crf[band] == gt[band]) - np.mean(dcnn[band] == gt[band]))
+    rows = qualitative_rows(ctx, per_end=1)
+    assert len(rows) == 2
+    ids = [r["id"] for r in rows]
+    order = sorted(gains, key=gains.get, reverse=True)
+    # the largest gain and the largest loss; with no loss (or no gain), the next largest change instead
+    chosen = [i for i in order if gains[i] > 0][:1] + [i for i in order[::-1] if gains[i] < 0][:1]
+    chosen += sorted((i for i in order if i not in chosen), key=lambda i: -abs(gains[i]))[: 2 - len(chosen)]
+    assert ids == sorted(chosen, key=gains.get, reverse=True) and ids[0] == order[0]
     for r in rows:
+        assert r["band_gain"] == pytest.approx(gains[r["id"]])
+        assert r["caption"].startswith(r["id"]) and "5 px band" in r["caption"]
         assert r["image"].shape[:2] == r["gt"].shape == r["dcnn"].shape == r["crf"].shape
         assert r["image"].dtype == np.uint8 and r["image"].shape[2] == 3
     assert len(qualitative_rows(ctx)) == 3  # at most 2 x 2 rows: every one of the 3 images
+
+
+def test_qualitative_figure_has_a_colour_key_and_fits_a_page(demo_run):
+    folder = demo_run.layout.root / "figures"
+    rows = qualitative_rows(demo_run.ctx)
+    present = sorted({int(c) for r in rows for k in ("gt", "dcnn", "crf") for c in np.unique(r[k])})
+    texts = _svg_texts(folder / "qualitative.svg")
+    key = texts[texts.index("colour key") + 1:]
+    names = ["void (not scored)" if c == 255 else VOC_CLASSES[c] for c in present]
+    assert sorted(key) == sorted(names)  # the classes shown, and only those
+    with Image.open(folder / "qualitative.png") as im:
+        assert im.width <= 1000 and im.height <= 1400  # a page at 110 dpi (it was 3,250 px wide)
+    assert any(t.startswith("DIAGNOSTIC") for t in texts)
 
 
 def test_run_prints_the_headline_last(demo_run, capsys):
