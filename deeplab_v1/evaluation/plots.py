@@ -51,7 +51,7 @@ def draw_trimap(curves: Mapping[str, Mapping], *, title: str | None = None) -> F
         ValueError: no curves, or a curve without ``widths``/``pixel_accuracy``/``miou`` of equal length.
     """
     if not curves:
-        raise ValueError("trimap figure: no curves to plot")
+        raise ValueError("trimap figure: no results to plot")
     for name, r in curves.items():
         missing = [k for k in ("widths", "pixel_accuracy", "miou") if k not in r]
         if missing:
