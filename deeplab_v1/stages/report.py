@@ -173,7 +173,7 @@ def _figures(ctx: RunContext, trimap: dict) -> list[str]:
         with_crf = any(r["band_gain"] is not None for r in rows)
         what = (f"where the CRF gained most (top) and lost most (bottom) within {QUALITATIVE_BAND} px of a boundary"
                 if with_crf else "the images with the most object pixels")
-        qualitative_figure(rows, folder / "qualitative.png", title=f"{diag_head}{what}",
+        qualitative_figure(rows, folder / "qualitative.png", title=f"{diag_head}{what}" if diag_head else what[:1].upper() + what[1:],
                            names=class_names(ctx.cfg.model.num_classes))
         lines += [f"Paper Fig. 4 style: image, ground truth, DCNN, DCNN-CRF; {what} (pixel accuracy in the "
                   "trimap band, paper Fig. 5); the colour key names the classes shown.", "",
