@@ -82,12 +82,21 @@ def _version() -> str:
         return f"{__version__} (not installed)"
 
 
+def _names_help() -> str:
+    """The packaged names for ``--help`` (empty when the package's experiments cannot be listed)."""
+    try:
+        return ", ".join(packaged_experiment_names())
+    except ConfigError:
+        return "none installed"
+
+
 def _add_common(p: argparse.ArgumentParser, optional_experiment: bool = False) -> None:
+    names = _names_help()
     if optional_experiment:
         p.add_argument("experiment", nargs="?", default=None,
-                       help=f"experiment YAML or packaged name (default: {DEFAULT_EXPERIMENT_NAME}; also crf-demo)")
+                       help=f"experiment YAML file or packaged name (default: {DEFAULT_EXPERIMENT_NAME}; packaged: {names})")
     else:
-        p.add_argument("experiment", help="experiment YAML or packaged name (e.g. crf-demo)")
+        p.add_argument("experiment", help=f"experiment YAML file or packaged name (packaged: {names})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.iterations=100 (repeatable; YAML values)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -18,7 +18,8 @@ from .errors import DeepLabError
 from .figures import class_names, trimap_figure
 from .layout import RunLayout
 
-__all__ = ["CompareError", "TRIMAP_WIDTHS", "RunResult", "read_run", "compare_table", "compare_runs"]
+__all__ = ["CompareError", "TRIMAP_WIDTHS", "RunResult", "read_run", "compare_table", "trimap_curves", "compare_title",
+           "compare_runs"]
 
 #: Trimap widths (pixels) shown in the table, where the runs measured them.
 TRIMAP_WIDTHS: tuple[int, ...] = (1, 3, 5, 10, 20, 40)
@@ -116,6 +117,24 @@ def compare_table(runs: Sequence[RunResult], widths: Sequence[int] = TRIMAP_WIDT
     return "\n".join(lines) + "\n"
 
 
+def trimap_curves(runs: Sequence[RunResult]) -> dict[str, dict]:
+    """The compare figure's curves: ``"<run> <method>"`` -> the run's trimap result, `` (DIAGNOSTIC)``
+    added to the label of a run scored on degraded ground truth (issue #21: the legend must say so)."""
+    return {f"{r.label} {METHODS[k]}" + (" (DIAGNOSTIC)" if r.diagnostic else ""): r.trimap[k]
+            for r in runs for k in r.methods if k in r.trimap}
+
+
+def compare_title(runs: Sequence[RunResult]) -> str:
+    """The compare figure's title; it opens with DIAGNOSTIC and names the runs when some run's scores are
+    degraded ground truth, not a network."""
+    title = "Trimap: accuracy near object boundaries (dashed DCNN, solid DCNN-CRF)"
+    diag = [r.label for r in runs if r.diagnostic]
+    if not diag:
+        return title
+    which = "every run" if len(diag) == len(runs) else ", ".join(diag)
+    return f"DIAGNOSTIC ({which}: degraded-GT scores, not a network)\n{title}"
+
+
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[str, list[Path]]:
     """Compare evaluated runs: write ``out/compare.md`` and the trimap figure ``out/trimap.png`` (+ PDF, SVG).
 
@@ -145,10 +164,9 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[str, 
     lines += [f"| {r.label} | `{p}` | {r.metrics.get('images', 'n/a')} |" for r, p in zip(runs, paths)]
     lines += ["", table, "![trimap of every run](trimap.png)", ""]
     text = "\n".join(lines)
-    curves = {f"{r.label} {METHODS[k]}": r.trimap[k] for r in runs for k in r.methods if k in r.trimap}
     written = [out / "compare.md"]
     atomic_write_text(out / "compare.md", text)
+    curves = trimap_curves(runs)
     if curves:
-        written += trimap_figure(curves, out / "trimap.png",
-                                 title="Trimap: accuracy near object boundaries (dashed DCNN, solid DCNN-CRF)")
+        written += trimap_figure(curves, out / "trimap.png", title=compare_title(runs))
     return text, written

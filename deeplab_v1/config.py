@@ -2,14 +2,17 @@
 
 One YAML file describes one experiment (STYLE.md: sections for model, data, train, test, CRF, search,
 evaluation). Every key is checked: an unknown key, a value of the wrong type or a path that does not exist
-stops with a ``ConfigError`` naming the file and the dotted key. Relative paths are resolved against the
-YAML file's folder. ``--set section.key=value`` overrides are applied before validation.
+stops with a ``ConfigError`` naming the dotted key and where its value came from: the ``--set`` that gave
+it, else the YAML file (``KeySources``). Relative paths are resolved against the YAML file's folder.
+``--set section.key=value`` overrides are applied before validation.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +26,8 @@ from crf.search import SearchConfig
 
 from .errors import DeepLabError
 from .experiment_files import ExperimentFileError, read_experiment
+from .key_sources import KeySources, unknown_keys_message
+from .key_sources import at as _at
 
 
 class ConfigError(DeepLabError, ValueError):
@@ -240,8 +245,6 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -257,35 +260,38 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _unknown(where: str, dotted: list[str], known: list[str]) -> "ConfigError":
+    return ConfigError(unknown_keys_message(where, dotted, known))
+
+
 def _crf_params(value: Any, key: str, where: str) -> CRFParams:
     """A YAML mapping of CRF parameters, the keys left out taken from the release's LargeFOV values."""
     if isinstance(value, CRFParams):
         return value
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: key '{key}' must be a mapping of CRF parameters, got {value!r}")
+        raise ConfigError(f"{_at(where, key)}: key '{key}' must be a mapping of CRF parameters, got {value!r}")
     try:
         return CRFParams.from_dict({**RELEASE_LARGEFOV.to_dict(), **value})
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: key '{key}' is invalid: {exc}") from exc
+        raise ConfigError(f"{_at(where, key)}: key '{key}' is invalid: {exc}") from exc
 
 
 def _search_section(values: Any, key: str, where: str) -> CRFSearchConfig:
     """The flat ``crf_search:`` mapping: the stage's keys, the rest through ``SearchConfig``'s checks."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: section '{key}' must be a mapping, got {values!r}")
+        raise ConfigError(f"{_at(where, key)}: section '{key}' must be a mapping, got {values!r}")
     stage_keys = {"enabled", "num_images", "seed"}
     search_keys = set(CRFSearchConfig.search_keys())
     unknown = [k for k in values if k not in stage_keys | search_keys]
     if unknown:
-        dotted = ", ".join(f"'{key}.{k}'" for k in unknown)
-        raise ConfigError(f"{where}: unknown key {dotted}; known keys here: {', '.join(sorted(stage_keys | search_keys))}")
+        raise _unknown(where, [f"{key}.{k}" for k in unknown], sorted(stage_keys | search_keys))
     hints = typing.get_type_hints(CRFSearchConfig)
     stage = {k: _coerce(v, hints[k], f"{key}.{k}", where) for k, v in values.items() if k in stage_keys}
     search_values = {k: v for k, v in values.items() if k in search_keys}
     try:  # SearchConfig checks its own fields (types and ranges) with messages naming them
         search = SearchConfig.from_dict(search_values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: key '{key}' is invalid: {str(exc).replace('SearchConfig.', key + '.')}") from exc
+        raise ConfigError(f"{_at(where, key)}: key '{key}' is invalid: {str(exc).replace('SearchConfig.', key + '.')}") from exc
     return CRFSearchConfig(**stage, search=search)
 
 
@@ -296,7 +302,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is CRFSearchConfig:
         return _search_section(value, key, where)
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    bad = ConfigError(f"{_at(where, key)}: key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -349,7 +355,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return Path(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: section '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"{_at(where, key)}: section '{key}' must be a mapping, got {value!r}")
         return _build(tp, value, key, where)
     raise bad  # pragma: no cover - every annotation above is handled
 
@@ -359,8 +365,7 @@ def _build(cls: type, values: dict, prefix: str, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = [k for k in values if k not in fields]
     if unknown:
-        dotted = ", ".join(f"'{prefix + '.' if prefix else ''}{k}'" for k in unknown)
-        raise ConfigError(f"{where}: unknown key {dotted}; known keys here: {', '.join(sorted(fields))}")
+        raise _unknown(where, [f"{prefix + '.' if prefix else ''}{k}" for k in unknown], sorted(fields))
     kwargs = {}
     for name, value in values.items():
         dotted = f"{prefix}.{name}" if prefix else name
@@ -444,7 +449,7 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
     from .models import MODEL_NAMES  # late import: config stays light
 
     def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"{where}: key '{key}' {msg}")
+        raise ConfigError(f"{_at(where, key)}: key '{key}' {msg}")
 
     if cfg.model.name not in MODEL_NAMES:
         fail("model.name", f"is {cfg.model.name!r}, not a known model ({', '.join(MODEL_NAMES)})")
@@ -507,6 +512,29 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
             value = getattr(cfg.data, key)
             if value.endswith(".txt") and not _resolve(Path(value), cfg.source.parent if cfg.source else Path.cwd()).is_file():
                 fail(f"data.{key}", f"points to the list file {value}, which does not exist")
+        problem = _output_dir_problem(cfg.run_dir)
+        if problem:
+            fail("output_dir", f"points to {cfg.run_dir}, {problem}")
+
+
+def _output_dir_problem(path: Path) -> Optional[str]:
+    """Why the run folder ``path`` can be neither written nor created (None when it can), checked before
+    any work (issue #21: ``--set output_dir=/proc/x`` printed only ``[Errno 2] ...``). A folder that does
+    not exist yet is tried by creating (and removing) a temporary folder in its nearest existing parent."""
+    if path.is_dir():
+        return None if os.access(path, os.W_OK | os.X_OK) else "a folder this user cannot write"
+    parent = path
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if path.exists():
+        return "which is a file, not a folder"
+    if not parent.is_dir():
+        return f"under {parent}, which is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".deeplab-check-", dir=parent))
+    except OSError as exc:
+        return f"which cannot be created in {parent} ({exc.strerror or exc})"
+    return None
 
 
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, *, check_paths: bool = True) -> ExperimentConfig:
@@ -525,7 +553,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, *
             value or a missing path; the message names the file and the key.
     """
     path = Path(path)
-    where = str(path)
+    where = KeySources(str(path), overrides or [])
     if not path.is_file():
         raise ConfigError(f"{where}: experiment file not found")
     try:  # the file and its ``base:`` chain, merged (deeplab_v1.experiment_files)

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_write_bytes
 from .data.io import IGNORE_LABEL, VOC_CLASSES, voc_palette
+from .evaluation.plots import draw_trimap
 
 __all__ = ["FIGURE_FORMATS", "colorize", "blend", "side_by_side", "new_figure", "save_figure",
            "qualitative_figure", "search_heatmap", "trimap_figure", "class_names"]
@@ -144,15 +145,26 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> list
     return written
 
 
-def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, title: str | None = None) -> list[Path]:
-    """The paper's Fig. 4: one row per image -- image, ground truth, DCNN, DCNN-CRF.
+#: The qualitative figure's width in inches: a page's text width (about 1,000 px at 110 dpi).
+PAGE_WIDTH_IN = 9.0
+
+
+def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, title: str | None = None,
+                       names: Sequence[str] | None = None) -> list[Path]:
+    """The paper's Fig. 4: one row per image -- image, ground truth, DCNN, DCNN-CRF -- and a colour key of
+    the classes shown.
+
+    The figure is ``PAGE_WIDTH_IN`` wide whatever the images' sizes: the panels share the width, each row
+    as tall as its image's aspect asks, with narrow gaps (issue #21: it was 3,250 px wide with large gaps).
+    The key (below the panels) lists only the classes some panel shows, in the VOC palette's colours.
 
     Args:
         rows: mappings with ``image`` ((H, W, 3) uint8 RGB), ``gt``, ``dcnn``, ``crf`` ((H, W) class
             indices; ``crf`` may be None when the CRF did not run) and ``caption`` (the row's label, e.g.
-            the image id and how much the CRF changed).
+            the image id and the CRF's gain near boundaries).
         path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
-        title: optional figure title.
+        title: optional figure title (wrapped to the width).
+        names: the name of each class index (default: :func:`class_names`, the VOC names).
 
     Returns:
         The files written (``save_figure``).
@@ -160,15 +172,27 @@ def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, titl
     Raises:
         ValueError: no rows.
     """
+    import textwrap
+
+    from matplotlib.patches import Patch
+
     if not rows:
         raise ValueError("qualitative_figure: no rows")
     with_crf = any(r.get("crf") is not None for r in rows)
     heads = ["Image", "Ground truth", "DCNN output"] + (["DCNN-CRF output"] if with_crf else [])
-    aspect = max(r["image"].shape[1] / r["image"].shape[0] for r in rows)
-    cell = 2.6
-    height = cell * len(rows) + (0.6 if title else 0.2)
-    fig = new_figure(cell * aspect * len(heads), height)
-    axes = np.atleast_2d(fig.subplots(len(rows), len(heads), squeeze=False))
+    caption_w = 1.3  # inches for the row captions at the left
+    col_w = (PAGE_WIDTH_IN - caption_w) / len(heads)
+    ratios = [r["image"].shape[0] / r["image"].shape[1] for r in rows]
+    text = textwrap.fill(title, 95) if title else ""
+    present = sorted({int(c) for r in rows for k in ("gt", "dcnn", "crf") if r.get(k) is not None
+                      for c in np.unique(r[k])})
+    names = list(names) if names is not None else class_names(IGNORE_LABEL)
+    key = [c for c in present if c < len(names) or c == IGNORE_LABEL]
+    key_rows = -(-len(key) // 6)
+    height = sum(col_w * q for q in ratios) + 0.3 + 0.25 * (text.count("\n") + 1 if text else 0) + 0.3 * key_rows + 0.2
+    fig = new_figure(PAGE_WIDTH_IN, height, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.01, hspace=0.01)
+    axes = np.atleast_2d(fig.subplots(len(rows), len(heads), squeeze=False, gridspec_kw={"height_ratios": ratios}))
     for i, r in enumerate(rows):
         panels = [r["image"], colorize(r["gt"]), colorize(r["dcnn"])]
         if with_crf:
@@ -179,26 +203,33 @@ def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, titl
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(heads[j], fontsize=12)
-        axes[i, 0].set_ylabel(r.get("caption", ""), fontsize=10)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    # leave the title its own strip above the column heads
-    fig.tight_layout(pad=0.4, rect=(0, 0, 1, 1 - (0.45 / height if title else 0)))
+                ax.set_title(heads[j], fontsize=10)
+        # horizontal, left of the row: readable however short the row is
+        axes[i, 0].set_ylabel(r.get("caption", ""), fontsize=8, rotation=0, ha="right", va="center")
+    palette = voc_palette()
+    handles = [Patch(facecolor=palette[c] / 255.0, edgecolor="black", linewidth=0.5,
+                     label="void (not scored)" if c == IGNORE_LABEL else names[c]) for c in key]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize=9,
+                   title="colour key", title_fontsize=9, frameon=False)
+    if text:
+        fig.suptitle(text, fontsize=11)
     return save_figure(fig, path)
 
 
 def search_heatmap(results: Sequence[Mapping], path: str | os.PathLike, *, objective_name: str = "mIoU",
-                   grid: Sequence[Sequence[float]] | None = None, title: str | None = None) -> list[Path]:
+                   grid: Sequence[Sequence[float]] | None = None, title: str | None = None,
+                   best: tuple[float, float, float] | None = None) -> list[Path]:
     """The CRF search's heatmap (``crf.search.report.heatmap_figure``, the one drawing of it: one panel per
-    w1, cells labelled in %, the best outlined, halving's dropped configurations in parentheses) written
-    as PNG, PDF and SVG.
+    w1, cells labelled in %, the search's best outlined and named in the title, halving's dropped
+    configurations grey and in parentheses) written as PNG, PDF and SVG.
 
     Args:
         results: the lines of ``crf_search/results.jsonl`` (``w1``, ``sigma_alpha``, ``sigma_beta``,
             ``objective`` as a fraction, optional ``images``).
         path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
-        objective_name, grid, title: as ``heatmap_figure``'s.
+        objective_name, grid, title, best: as ``heatmap_figure``'s (``best``: ``best.json``'s parameters, the
+            ones the CRF used; default: the best of the results scored on the most images).
 
     Returns:
         The files written, PNG first.
@@ -208,24 +239,20 @@ def search_heatmap(results: Sequence[Mapping], path: str | os.PathLike, *, objec
     """
     from crf.search.report import heatmap_figure
 
-    return save_figure(heatmap_figure(results, grid=grid, objective_name=objective_name, title=title), path)
-
-
-def _percent(values: Sequence) -> list[float]:
-    # None marks an empty band; matplotlib leaves a gap for NaN
-    return [float("nan") if v is None else 100.0 * float(v) for v in values]
+    return save_figure(heatmap_figure(results, grid=grid, objective_name=objective_name, title=title,
+                                      best=best), path)
 
 
 def trimap_figure(curves: Mapping[str, Mapping], path: str | os.PathLike, *, title: str | None = None) -> list[Path]:
-    """The paper's Fig. 5 for several runs: pixel accuracy and mIoU against the trimap width, one curve
-    per (run, method); DCNN dashed, DCNN-CRF solid, one colour per run.
+    """The paper's Fig. 5 for several runs (``deeplab_v1.evaluation.plots.draw_trimap``: pixel accuracy and
+    mIoU against the trimap width, one colour per run, DCNN dashed, DCNN-CRF solid, the legend below the
+    panels) written as PNG, PDF and SVG.
 
     Args:
         curves: a label such as ``"run-a DCNN-CRF"`` -> ``TrimapAccumulator.result()`` (``widths``,
-            ``pixel_accuracy``, ``miou``; fractions 0..1, None for empty bands). A label ending in
-            ``DCNN`` is drawn dashed.
+            ``pixel_accuracy``, ``miou``; fractions 0..1, None for empty bands).
         path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
-        title: optional figure title.
+        title: optional figure title (DIAGNOSTIC first for degraded-GT scores).
 
     Returns:
         The files written.
@@ -233,29 +260,7 @@ def trimap_figure(curves: Mapping[str, Mapping], path: str | os.PathLike, *, tit
     Raises:
         ValueError: no curves, or a curve without ``widths``/``pixel_accuracy``/``miou``.
     """
-    if not curves:
-        raise ValueError("trimap_figure: no curves")
-    fig = new_figure(11, 4.5)
-    axes = fig.subplots(1, 2)
-    colours = {}
-    for label, r in curves.items():
-        missing = [k for k in ("widths", "pixel_accuracy", "miou") if k not in r]
-        if missing:
-            raise ValueError(f"trimap_figure: curve {label!r} lacks {missing}")
-        run = label.rsplit(" ", 1)[0]
-        colour = colours.setdefault(run, f"C{len(colours) % 10}")
-        style = "--" if label.endswith("DCNN") else "-"
-        for ax, key in zip(axes, ("pixel_accuracy", "miou")):
-            ax.plot(r["widths"], _percent(r[key]), style, color=colour, marker=".", label=label)
-    for ax, ylabel in zip(axes, ("pixelwise accuracy %", "mean IOU %")):
-        ax.set_xlabel("trimap width (pixels)", fontsize=11)
-        ax.set_ylabel(ylabel, fontsize=11)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(draw_trimap(curves, title=title), path)
 
 
 def class_names(num_classes: int) -> list[str]:

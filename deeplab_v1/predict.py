@@ -43,7 +43,7 @@ from .figures import blend, side_by_side
 from .layout import RunLayout
 from .models import MODEL_NAMES, build_model
 from .models.vgg import SPECS
-from .weights.checkpoint import checkpoint_state_dict, load_checkpoint
+from .weights.checkpoint import CheckpointError, checkpoint_state_dict, load_checkpoint
 
 __all__ = ["PredictError", "Predictor", "load_predictor", "parse_params", "crf_params_for", "predict_images"]
 
@@ -101,7 +101,13 @@ def load_predictor(weights: str | Path, *, model: Optional[str] = None, num_clas
             DeepLabError): the file is missing or not a checkpoint of ours.
     """
     weights = Path(weights)
-    ck = load_checkpoint(weights)
+    if weights.is_dir():
+        raise PredictError(f"--weights {weights}: a folder, not a checkpoint; pass the .pth file (e.g. "
+                           f"{weights / 'checkpoints' / 'final.pth'})")
+    try:
+        ck = load_checkpoint(weights)
+    except CheckpointError as exc:  # the file names itself; say which argument gave it
+        raise CheckpointError(f"--weights {exc}") from exc
     recorded = ck.get("model")
     if model is not None and recorded is not None and model != recorded:
         raise PredictError(f"{weights}: a checkpoint of model {recorded!r}, but --model {model} was given")
@@ -189,6 +195,9 @@ def check_images(paths: Sequence[str | Path]) -> dict[Path, tuple[int, int]]:
     sizes: dict[Path, tuple[int, int]] = {}
     seen: dict[str, Path] = {}
     for p in (Path(p) for p in paths):
+        if p.is_dir():
+            raise PredictError(f"{p}: a folder, not an image; pass the image files, e.g. {p / '*.jpg'} "
+                               "(the shell expands the pattern)")
         if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES:
             raise PredictError(f"{p}: not a JPEG or PNG file (expected {', '.join(IMAGE_SUFFIXES)})")
         sizes[p] = read_image(p).shape[:2]  # DataError names the file

@@ -4,7 +4,9 @@ metrics.json and trimap.json."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -69,9 +71,30 @@ def test_one_trimap_figure_in_three_formats(runs, tmp_path):
     with Image.open(written[1]) as im:
         assert im.width > 1000 and im.height > 400
     assert written[2].read_bytes().startswith(b"%PDF") and b"<svg" in written[3].read_bytes()[:2000]
-    svg = written[3].read_text()
+    texts = [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", written[3].read_text())]
     for label in ("weak DCNN", "weak DCNN-CRF", "strong DCNN", "strong DCNN-CRF"):
-        assert label in svg  # every run's curves are in the legend
+        assert f"{label} (DIAGNOSTIC)" in texts  # every run's curves are in the legend, each says DIAGNOSTIC
+    # issue #21: the title of a figure made from degraded-GT scores opens with DIAGNOSTIC
+    assert any(t.startswith("DIAGNOSTIC (every run: degraded-GT scores") for t in texts)
+
+
+def test_the_legend_is_off_the_curves(runs, tmp_path):
+    """The legend's box overlaps neither panel (it sits below them), and lies inside the figure."""
+    from deeplab_v1.compare import compare_title, trimap_curves
+    from deeplab_v1.evaluation.plots import draw_trimap
+
+    results = [read_run(p) for p in runs]
+    fig = draw_trimap(trimap_curves(results), title=compare_title(results))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    box = legends[0].get_window_extent(renderer)
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent(renderer))
+    assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+    title = fig._suptitle.get_window_extent(renderer)
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width  # not cut at the edges
 
 
 def test_the_command_prints_the_table_and_writes_under_runs(runs, tmp_path, monkeypatch, capsys):

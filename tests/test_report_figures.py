@@ -3,7 +3,9 @@ a readable CRF-search heatmap, the trimap) as PNG, PDF and SVG: on a real run of
 
 from __future__ import annotations
 
+import html
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,18 +15,71 @@ from deeplab_v1.cli import main, resolve_experiment
 from deeplab_v1.config import load_config
 from deeplab_v1.figures import FIGURE_FORMATS, search_heatmap
 from deeplab_v1.runner import Runner
-from deeplab_v1.stages.report import headline, qualitative_rows
+from deeplab_v1.stages.report import _search_results, headline, qualitative_rows
+from crf.search.report import heatmap_cells
+from crf.trimap import trimap_band
+from deeplab_v1.data.io import VOC_CLASSES
 
 QUICK = ["data.max_test_images=3", "crf_search.num_images=3", "crf_search.w1=[3, 5]", "crf_search.sigma_alpha=[30]",
          "crf_search.sigma_beta=[3, 5]", "crf.workers=1", "crf_search.workers=1"]
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Runner:
-    out = tmp_path_factory.mktemp("demo")
-    runner = Runner(load_config(resolve_experiment("crf-demo"), QUICK + [f"output_dir={out}"]), progress=False)
+def _crf_demo(tmp_path_factory, name: str, overrides: list[str]) -> Runner:
+    out = tmp_path_factory.mktemp(name)
+    runner = Runner(load_config(resolve_experiment("crf-demo"), overrides + [f"output_dir={out}"]), progress=False)
     runner.run()
     return runner
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Runner:
+    return _crf_demo(tmp_path_factory, "demo", QUICK)
+
+
+#: A successive-halving search of the 2 x 2 x 2 grid on 3 images: rungs of 1 and 3 images, no refinement.
+HALVING = QUICK[:2] + ["crf_search.sigma_alpha=[30, 50]", "crf_search.strategy=halving", "crf_search.eta=3",
+                       "crf_search.rounds=0", "crf.workers=1", "crf_search.workers=1"]
+
+
+@pytest.fixture(scope="module")
+def halving_run(tmp_path_factory) -> Runner:
+    return _crf_demo(tmp_path_factory, "halving", HALVING)
+
+
+def _svg_texts(path) -> list[str]:
+    """Every text drawn in an SVG written with ``svg.fonttype: none`` (one string per ``<text>``)."""
+    return [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", path.read_text())]
+
+
+def test_halving_figure_marks_exactly_the_dropped_configurations(halving_run):
+    """Issue #21: every cell was marked "(dropped early)", the best included, since results.jsonl lists a
+    finalist once per rung; and the outlined best must be best.json's (the CRF's parameters)."""
+    layout = halving_run.layout
+    reached: dict[tuple, int] = {}
+    for line in (layout.crf_search / "results.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        key = tuple(float(rec["params"][k]) for k in ("w1", "sigma_alpha", "sigma_beta"))
+        reached[key] = max(reached.get(key, 0), int(rec["images"]))
+    best = json.loads((layout.crf_search / "best.json").read_text())
+    dropped = {k for k, n in reached.items() if n < best["images"]}
+    assert dropped and len(dropped) < len(reached) == 8  # some dropped, some finalists
+    best_key = (best["w1"], best["sigma_alpha"], best["sigma_beta"])
+    assert best_key not in dropped
+    s = halving_run.cfg.crf_search.search
+    data = heatmap_cells(_search_results(layout.crf_search / "results.jsonl"), grid=(s.w1, s.sigma_alpha, s.sigma_beta),
+                         best=best_key)
+    assert {k for k, c in data["cells"].items() if c["dropped"]} == dropped
+    assert data["best"] == best_key and data["best_on_grid"]
+    # the drawn figure: a value in parentheses for exactly the dropped cells, the finalists' plain
+    texts = _svg_texts(layout.root / "figures" / "crf_search.svg")
+    in_parentheses = [t for t in texts if re.fullmatch(r"\(\d+\.\d+\)", t)]  # (colour-bar ticks have none)
+    assert sorted(in_parentheses) == sorted(c["text"] for c in data["cells"].values() if c["dropped"])
+    assert len(in_parentheses) == len(dropped)
+    assert all(c["text"] in texts for c in data["cells"].values())
+    assert any(t.startswith("DIAGNOSTIC degraded-GT scores: CRF search") for t in texts)
+    title = " ".join(texts)  # the title's lines, each a text of its own
+    assert f"w1={best['w1']:g}, sigma_alpha={best['sigma_alpha']:g}, sigma_beta={best['sigma_beta']:g}" in title
+    assert "red box" in title and "dropped early by successive halving, scored on 1 of 3 images" in title
 
 
 def test_headline_says_what_the_run_is(tmp_path):
@@ -61,21 +116,44 @@ def test_every_figure_in_png_pdf_and_svg(demo_run):
     assert "DIAGNOSTIC" in (folder / "trimap.svg").read_text()
 
 
-def test_qualitative_rows_are_the_images_the_crf_changed_most_and_least(demo_run):
+def test_qualitative_rows_are_the_crfs_largest_gains_and_losses_near_boundaries(demo_run):
+    """Issue #21: rows picked by the CRF's gain in the 5 px trimap band (largest gains, largest losses),
+    not by "least changed" (often all-background DCNN output)."""
     ctx = demo_run.ctx
-    rows = qualitative_rows(ctx, per_end=1)
-    assert len(rows) == 2
-    changes = {}
+    gains = {}
     for s in ctx.test_samples():
+        gt = np.array(Image.open(s.label))
         dcnn = np.array(Image.open(ctx.layout.prediction("dcnn", s.id)))
         crf = np.array(Image.open(ctx.layout.prediction("crf", s.id)))
-        changes[s.id] = float(np.mean(dcnn != crf))
-    ids = [r["caption"].split("\n")[0] for r in rows]
-    assert ids == [max(changes, key=changes.get), min(changes, key=changes.get)]
+        band = trimap_band(gt, 5)
+        gains[s.id] = 100 * (np.mean(crf[band] == gt[band]) - np.mean(dcnn[band] == gt[band]))
+    rows = qualitative_rows(ctx, per_end=1)
+    assert len(rows) == 2
+    ids = [r["id"] for r in rows]
+    order = sorted(gains, key=gains.get, reverse=True)
+    # the largest gain and the largest loss; with no loss (or no gain), the next largest change instead
+    chosen = [i for i in order if gains[i] > 0][:1] + [i for i in order[::-1] if gains[i] < 0][:1]
+    chosen += sorted((i for i in order if i not in chosen), key=lambda i: -abs(gains[i]))[: 2 - len(chosen)]
+    assert ids == sorted(chosen, key=gains.get, reverse=True) and ids[0] == order[0]
     for r in rows:
+        assert r["band_gain"] == pytest.approx(gains[r["id"]])
+        assert r["caption"].startswith(r["id"]) and "5 px band" in r["caption"]
         assert r["image"].shape[:2] == r["gt"].shape == r["dcnn"].shape == r["crf"].shape
         assert r["image"].dtype == np.uint8 and r["image"].shape[2] == 3
     assert len(qualitative_rows(ctx)) == 3  # at most 2 x 2 rows: every one of the 3 images
+
+
+def test_qualitative_figure_has_a_colour_key_and_fits_a_page(demo_run):
+    folder = demo_run.layout.root / "figures"
+    rows = qualitative_rows(demo_run.ctx)
+    present = sorted({int(c) for r in rows for k in ("gt", "dcnn", "crf") for c in np.unique(r[k])})
+    texts = _svg_texts(folder / "qualitative.svg")
+    key = texts[texts.index("colour key") + 1:]
+    names = ["void (not scored)" if c == 255 else VOC_CLASSES[c] for c in present]
+    assert sorted(key) == sorted(names)  # the classes shown, and only those
+    with Image.open(folder / "qualitative.png") as im:
+        assert im.width <= 1000 and im.height <= 1400  # a page at 110 dpi (it was 3,250 px wide)
+    assert any(t.startswith("DIAGNOSTIC") for t in texts)
 
 
 def test_run_prints_the_headline_last(demo_run, capsys):
@@ -94,7 +172,10 @@ def test_heatmap_labels_every_cell_of_the_coarse_grid(tmp_path):
     svg = written[2].read_text()
     for r in rows[:8]:
         assert f"{100 * r['objective']:.1f}" in svg
-    assert "90.0" not in svg and "w1 = 4" not in svg  # the off-grid point is left out
+    texts = _svg_texts(written[2])
+    assert "90.0" not in texts and "w1 = 4" not in texts  # the off-grid point has no cell, no panel ...
+    title = " ".join(texts)  # ... but as the best (the refinement's) the title names it
+    assert "best (refined, off this grid; the CRF's parameters): w1=4, sigma_alpha=40, sigma_beta=4" in title
     with pytest.raises(ValueError, match="no configuration"):
         search_heatmap(rows[-1:], tmp_path / "none.png")
     # successive halving: a configuration scored on fewer images is in parentheses and never the best

@@ -15,7 +15,7 @@ from ..errors import CRFInputError
 from ..params import CRFParams
 from .config import SearchConfig, param_key
 
-__all__ = ["rank_key", "best_of", "ranked_rows", "ranked_markdown", "heatmap_figure", "heatmap_png", "best_json", "write_outputs"]
+__all__ = ["rank_key", "best_of", "ranked_rows", "ranked_markdown", "heatmap_cells", "heatmap_figure", "heatmap_png", "best_json", "write_outputs"]
 
 
 def rank_key(rec: dict) -> tuple:
@@ -76,81 +76,147 @@ def ranked_markdown(rows: list[dict], key: dict, images: int, callable_objective
     return "\n".join(lines) + "\n"
 
 
+def _key(r: Mapping) -> tuple[float, float, float]:
+    return float(r["w1"]), float(r["sigma_alpha"]), float(r["sigma_beta"])
+
+
+def heatmap_cells(results: Sequence[Mapping], *, grid: Sequence[Sequence[float]] | None = None,
+                  best: tuple[float, float, float] | None = None, percent: bool = True) -> dict:
+    """What the search heatmap draws, cell by cell (the data ``heatmap_figure`` draws and the tests check).
+
+    ``results.jsonl`` of a successive-halving search holds one line per configuration and rung (a finalist
+    scored on 1, then 3, then 6 images has three lines): each configuration is shown once, with its score on
+    the most images it reached. A configuration is *dropped* when that is fewer images than the most any
+    configuration of the search reached (successive halving stopped it early; issue #21).
+
+    Args:
+        results: mappings with ``w1``, ``sigma_alpha``, ``sigma_beta``, ``objective`` (a fraction 0..1 when
+            ``percent``; None: failed, left out) and optional ``images`` (how many it was scored on).
+        grid: (w1 values, sigma_alpha values, sigma_beta values) to draw (e.g. the coarse grid; the
+            refinement's points off it are left out); default: every value the results hold.
+        best: (w1, sigma_alpha, sigma_beta) of the search's best (``best.json``: what the CRF uses);
+            default: the best of those scored on the most images, among all results (on the grid or not).
+        percent: values x 100.
+
+    Returns:
+        ``{"w1s", "alphas", "betas"}`` (sorted axis values), ``"cells"``: (w1, sigma_alpha, sigma_beta) ->
+        ``{"value": objective (x 100 when percent), "images": int, "dropped": bool, "text": the cell's label,
+        "(v)" when dropped}``, ``"most"`` (images of the finalists; 0 when the results do not say),
+        ``"best"`` (the triple), ``"best_on_grid"`` (bool) and ``"best_row"`` (its merged result, or None).
+
+    Raises:
+        CRFInputError (a ValueError): no configuration with an objective (on the grid).
+    """
+    merged: dict[tuple, Mapping] = {}
+    for r in results:
+        if r.get("objective") is None:
+            continue
+        k = _key(r)
+        if k not in merged or int(r.get("images") or 0) >= int(merged[k].get("images") or 0):
+            merged[k] = r  # the score on the most images (the later line on a tie)
+    if not merged:
+        raise CRFInputError("search heatmap: no configuration with an objective")
+    most = max(int(r.get("images") or 0) for r in merged.values())
+    if best is None:
+        top = max(merged.values(), key=lambda r: (int(r.get("images") or 0), r["objective"]))
+        best = _key(top)
+    best = (float(best[0]), float(best[1]), float(best[2]))
+    shown = merged
+    if grid is not None:
+        on = [set(float(v) for v in values) for values in grid]
+        shown = {k: r for k, r in merged.items() if all(k[i] in on[i] for i in range(3))}
+    if not shown:
+        raise CRFInputError("search heatmap: no configuration with an objective on the grid")
+    scale = 100.0 if percent else 1.0
+    # a spread under 1 point among the cells compared by colour (the finalists) needs the 2nd digit
+    values = [scale * r["objective"] for r in shown.values() if int(r.get("images") or 0) == most]
+    digits = 2 if values and max(values) - min(values) < 1 else 1
+    cells = {}
+    for k, r in shown.items():
+        images = int(r.get("images") or 0)
+        dropped = images < most
+        v = scale * r["objective"]
+        text = f"{v:.{digits}f}"
+        cells[k] = {"value": v, "images": images, "dropped": dropped, "text": f"({text})" if dropped else text}
+    return {"w1s": sorted({k[0] for k in shown}), "alphas": sorted({k[1] for k in shown}),
+            "betas": sorted({k[2] for k in shown}), "cells": cells, "most": most, "best": best,
+            "best_on_grid": best in shown, "best_row": merged.get(best)}
+
+
 def heatmap_figure(results: Sequence[Mapping], *, grid: Sequence[Sequence[float]] | None = None,
                    objective_name: str = "mIoU", title: str | None = None,
                    best: tuple[float, float, float] | None = None, percent: bool = True):
     """The CRF search as heatmaps that can be read (the one drawing of the search: ``heatmap.png`` here,
     the report's ``figures/crf_search.*`` in deeplab_v1): one panel per w1, sigma_beta across, sigma_alpha
-    down, each cell labelled with its objective in large type, the best cell outlined in red.
+    down, each cell labelled with its objective, the search's best (the parameters the CRF uses) outlined
+    in red and named in the title, also when the refinement put it off the drawn grid. Configurations that
+    successive halving dropped early (scored on fewer images, so not comparable) are grey, their value in
+    parentheses; the colours span the finalists only.
 
     Args:
-        results: one mapping per configuration with ``w1``, ``sigma_alpha``, ``sigma_beta`` and
-            ``objective`` (a fraction 0..1 when ``percent``, or None for a failed configuration), e.g. the
-            lines of ``results.jsonl``; optional ``images`` (how many it was scored on: those scored on
-            fewer than the most, dropped by successive halving, are shown in parentheses).
-        grid: (w1 values, sigma_alpha values, sigma_beta values) to draw, e.g. the coarse grid (the
-            refinement's points off it are left out); default: every value the results hold.
-        objective_name: what ``objective`` is (for the colour bar).
-        title: the figure's title (default: one naming the objective).
-        best: (w1, sigma_alpha, sigma_beta) to outline; default: the best of those scored on most images.
-        percent: show objectives x 100 (false for a callable objective's own scale).
+        results, grid, best, percent: as :func:`heatmap_cells`'s.
+        objective_name: what ``objective`` is (the colour bar's label; keep it short).
+        title: the first line of the title (default: one naming the objective); the lines on the best and
+            on dropped configurations follow it.
 
     Returns:
-        A ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot, no global backend switch).
+        A ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot, no global backend switch); its size
+        follows the grid (about 0.75 x 0.5 inch per cell).
 
     Raises:
         CRFInputError (a ValueError): no configuration with an objective (on the grid).
     """
+    import textwrap
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    rows = [r for r in results if r.get("objective") is not None]
-    if grid is not None:
-        on = [set(float(v) for v in values) for values in grid]
-        rows = [r for r in rows if float(r["w1"]) in on[0] and float(r["sigma_alpha"]) in on[1]
-                and float(r["sigma_beta"]) in on[2]]
-    if not rows:
-        raise CRFInputError("search heatmap: no configuration with an objective")
-    scale = 100.0 if percent else 1.0
-    w1s = sorted({float(r["w1"]) for r in rows})
-    alphas = sorted({float(r["sigma_alpha"]) for r in rows})
-    betas = sorted({float(r["sigma_beta"]) for r in rows})
-    grids = {w: np.full((len(alphas), len(betas)), np.nan) for w in w1s}
-    for r in rows:
-        grids[float(r["w1"])][alphas.index(float(r["sigma_alpha"])), betas.index(float(r["sigma_beta"]))] = (
-            scale * r["objective"])
-    # successive halving scores the configurations it drops on fewer images: shown in parentheses, never best
-    most = max(int(r.get("images") or 0) for r in rows)
-    partial = {(float(r["w1"]), float(r["sigma_alpha"]), float(r["sigma_beta"])) for r in rows
-               if int(r.get("images") or 0) < most}
-    if best is None:
-        top = max(rows, key=lambda r: (int(r.get("images") or 0), r["objective"]))
-        best = (float(top["w1"]), float(top["sigma_alpha"]), float(top["sigma_beta"]))
-    values = np.concatenate([g.ravel() for g in grids.values()])
-    lo, hi = np.nanmin(values), np.nanmax(values)
+    data = heatmap_cells(results, grid=grid, best=best, percent=percent)
+    w1s, alphas, betas, cells, best = data["w1s"], data["alphas"], data["betas"], data["cells"], data["best"]
+    full = [c["value"] for c in cells.values() if not c["dropped"]]
+    lo, hi = (min(full), max(full)) if full else (0.0, 1.0)
     ncols = min(len(w1s), 3)
     nrows = math.ceil(len(w1s) / ncols)
     cw, ch = 0.75, 0.5  # inches per cell: room for a 10 pt label
-    fig = Figure(figsize=(max(4.5, ncols * (len(betas) * cw + 1.0) + 1.2), nrows * (len(alphas) * ch + 1.1) + 0.5),
+    width = max(5.5, ncols * (len(betas) * cw + 1.0) + 1.4)
+    unit = "%" if percent else ""
+    lines = [title or f"CRF search: {objective_name} per configuration"]
+    row = data["best_row"]
+    where = "red box" if data["best_on_grid"] else "refined, off this grid"
+    score = "" if row is None else (f", {objective_name} {(100 if percent else 1) * row['objective']:.2f}{' %' if percent else ''}"
+                                    + (f" on {int(row['images'])} images" if row.get("images") else ""))
+    lines.append(f"best ({where}; the CRF's parameters): w1={best[0]:g}, sigma_alpha={best[1]:g}, "
+                 f"sigma_beta={best[2]:g}{score}")
+    dropped = sorted({c["images"] for c in cells.values() if c["dropped"]})
+    if dropped:
+        lines.append(f"grey (x): dropped early by successive halving, scored on {'/'.join(map(str, dropped))} of "
+                     f"{data['most']} images, not comparable")
+    chars = int(width * 72 / (10 * 0.6))  # about 0.6 em per character at 10 pt
+    text = "\n".join(textwrap.fill(line, chars) for line in lines)
+    fig = Figure(figsize=(width, nrows * (len(alphas) * ch + 1.1) + 0.25 * (text.count("\n") + 1) + 0.9),
                  layout="constrained")
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
     image = None
-    outlined = False
+    grey = ListedColormap(["#d9d9d9"])
     for i, (ax, w) in enumerate(zip(axes, w1s)):
-        g = grids[w]
+        g = np.full((len(alphas), len(betas)), np.nan)
+        d = np.full_like(g, np.nan)
+        for (cw1, a, b), c in cells.items():
+            if cw1 == w:
+                (d if c["dropped"] else g)[alphas.index(a), betas.index(b)] = c["value"]
+        ax.imshow(d, cmap=grey, aspect="auto")
         image = ax.imshow(g, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, aspect="auto")
-        for (a, b), v in np.ndenumerate(g):
-            if not np.isnan(v):
-                light = (v - lo) / (hi - lo) > 0.6 if hi > lo else True
-                shown = f"{v:.2f}" if hi - lo < 1 else f"{v:.1f}"  # a spread under 1 point needs the 2nd digit
-                text = f"({shown})" if (w, alphas[a], betas[b]) in partial else shown
-                ax.text(b, a, text, ha="center", va="center", fontsize=10, color="black" if light else "white")
-        if float(best[0]) == w and float(best[1]) in alphas and float(best[2]) in betas:
-            a, b = alphas.index(float(best[1])), betas.index(float(best[2]))
+        for (cw1, a, b), c in cells.items():
+            if cw1 == w:
+                light = c["dropped"] or (hi <= lo) or (c["value"] - lo) / (hi - lo) > 0.6
+                ax.text(betas.index(b), alphas.index(a), c["text"], ha="center", va="center", fontsize=10,
+                        color="black" if light else "white")
+        if data["best_on_grid"] and best[0] == w:
+            a, b = alphas.index(best[1]), betas.index(best[2])
             ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-            outlined = True
         ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], fontsize=10)
         ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=10)
         if i + ncols >= len(w1s):  # the bottom panel of its column
@@ -160,25 +226,27 @@ def heatmap_figure(results: Sequence[Mapping], *, grid: Sequence[Sequence[float]
         ax.set_title(f"w1 = {w:g}", fontsize=11)
     for ax in axes[len(w1s):]:
         ax.set_visible(False)
-    if image is not None:
-        bar = fig.colorbar(image, ax=list(axes[: len(w1s)]), shrink=0.9)
-        bar.set_label(f"{objective_name}{' %' if percent else ''}", fontsize=10)
-    note = "; (x): dropped early, scored on fewer images" if partial else ""
-    where = "" if outlined else f"; best w1={best[0]:g}, sigma_alpha={best[1]:g}, sigma_beta={best[2]:g} (refined, off this grid)"
-    fig.suptitle((title or f"CRF search: {objective_name} per configuration (best outlined)") + note + where,
-                 fontsize=11)
+    if image is not None and full:
+        # below the panels: a long objective name runs along the figure's width, never past its edge
+        bar = fig.colorbar(image, ax=list(axes[: len(w1s)]), location="bottom", shrink=0.6, aspect=40)
+        bar.set_label(f"{objective_name} {unit}".strip(), fontsize=10)
+        bar.ax.locator_params(nbins=5)
+    fig.suptitle(text, fontsize=10)
     return fig
 
 
-def heatmap_png(config: SearchConfig, records: dict[tuple, dict], best: CRFParams, title: str) -> bytes:
+def heatmap_png(config: SearchConfig, records: dict[tuple, dict], best: CRFParams) -> bytes:
     """``heatmap.png`` of the coarse grid: ``heatmap_figure`` of the records (those scored on fewer images
-    than the most, dropped by successive halving, in parentheses), ``best`` outlined."""
+    than the most, dropped by successive halving, grey and in parentheses), ``best`` outlined and named in
+    the title, whose first line names the scores (``config.label``, e.g. DIAGNOSTIC degraded ground truth)."""
     rows = [{**rec["params"], "objective": rec.get("objective"), "images": rec.get("images")}
             for rec in records.values()]
+    percent = not callable(config.objective)
+    first = f"CRF search on the coarse grid: {config.objective_name}{' (%)' if percent else ''} per configuration"
     fig = heatmap_figure(rows, grid=(config.w1, config.sigma_alpha, config.sigma_beta),
-                         objective_name=title.replace(" (%)", ""),
-                         title=f"coarse grid: {title}, best outlined",
-                         best=(best.w1, best.sigma_alpha, best.sigma_beta), percent=not callable(config.objective))
+                         objective_name=config.objective_name, percent=percent,
+                         title=f"{config.label}: {first}" if config.label else first,
+                         best=(best.w1, best.sigma_alpha, best.sigma_beta))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
@@ -201,12 +269,9 @@ def best_json(best: CRFParams, best_rec: dict, key: dict, config: SearchConfig, 
 def write_outputs(out_dir: Path, config: SearchConfig, key: dict, records: dict[tuple, dict], rows: list[dict],
                   best: CRFParams, images: int, run_info: dict | None = None) -> None:
     """Write ``ranked.md``, ``heatmap.png`` and ``best.json`` into ``out_dir``, atomically."""
-    title = config.objective_name + ("" if callable(config.objective) else " (%)")
-    if config.label:
-        title = f"{title} [{config.label}]"
     table = ranked_markdown(rows, key, images, callable(config.objective), config.label)
     atomic_write_text(out_dir / "ranked.md", table)
-    atomic_write_bytes(out_dir / "heatmap.png", heatmap_png(config, records, best, title))
+    atomic_write_bytes(out_dir / "heatmap.png", heatmap_png(config, records, best))
     scored: dict[str, int] = {}
     for r in rows:
         scored[str(r["images"])] = scored.get(str(r["images"]), 0) + 1

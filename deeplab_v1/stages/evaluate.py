@@ -52,6 +52,7 @@ def run(ctx: RunContext) -> dict:
     trimap = {k: tri[k].result() for k in methods}
     atomic_write_json(ctx.layout.trimap, {**trimap, "score_source": cfg.test.score_source})
     diag = " (diagnostic degraded-GT scores)" if cfg.test.score_source != "network" else ""
-    plot_trimap({METHODS[k] + diag: v for k, v in trimap.items()}, ctx.layout.trimap_plot)
+    plot_trimap({METHODS[k] + diag: v for k, v in trimap.items()}, ctx.layout.trimap_plot,
+                title=f"{'DIAGNOSTIC degraded-GT scores: ' if diag else ''}{cfg.name}: trimap (paper Fig. 5)")
     report.write_report(ctx, metrics, trimap)
     return {k: (None if metrics[k]["miou"] is None else round(metrics[k]["miou"], 6)) for k in methods}

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from crf.trimap import trimap_band
 
 from ..atomic import atomic_write_text
 from ..config import ExperimentConfig
 from ..context import RunContext
 from ..data.io import VOC_CLASSES, read_image, read_label
-from ..figures import qualitative_figure, search_heatmap, trimap_figure
+from ..figures import class_names, qualitative_figure, search_heatmap, trimap_figure
 
 #: Paper Table 1 (VOC 2012 val, trained on train_aug), mIoU % without / with the CRF.
 PAPER_TABLE1: dict[str, tuple[float, float]] = {
@@ -36,8 +37,11 @@ PAPER_TABLE1: dict[str, tuple[float, float]] = {
 _TRIMAP_ROWS = (1, 2, 3, 5, 10, 15, 20, 30, 40)
 
 
-#: Rows of the qualitative figure: this many images where the CRF changed most, and as many where least.
+#: Rows of the qualitative figure: this many images where the CRF gained most near boundaries, as many where
+#: it lost most.
 QUALITATIVE_ROWS = 2
+#: The band (pixels from an object boundary, the trimap of paper Fig. 5) the qualitative rows are picked by.
+QUALITATIVE_BAND = 5
 
 
 def _pct(x) -> str:
@@ -162,28 +166,38 @@ def _figures(ctx: RunContext, trimap: dict) -> list[str]:
     """Draw the report's figures into ``figures/`` (PNG, PDF, SVG) and return their markdown section."""
     folder = ctx.layout.root / "figures"
     diag = " (DIAGNOSTIC degraded-GT scores)" if ctx.cfg.test.score_source != "network" else ""
+    diag_head = "DIAGNOSTIC degraded-GT scores: " if diag else ""
     lines = ["", "## Figures", "", "PNG for reading, PDF and SVG beside each for papers (`figures/`).", ""]
     rows = qualitative_rows(ctx)
     if rows:
-        qualitative_figure(rows, folder / "qualitative.png",
-                           title=f"Where the CRF changed most (top) and least (bottom){diag}")
-        lines += ["Paper Fig. 4 style: image, ground truth, DCNN, DCNN-CRF; the images where the CRF changed most "
-                  "and least.", "", "![qualitative](figures/qualitative.png)", ""]
+        with_crf = any(r["band_gain"] is not None for r in rows)
+        what = (f"where the CRF gained most (top) and lost most (bottom) within {QUALITATIVE_BAND} px of a boundary"
+                if with_crf else "the images with the most object pixels")
+        qualitative_figure(rows, folder / "qualitative.png", title=f"{diag_head}{what}" if diag_head else what[:1].upper() + what[1:],
+                           names=class_names(ctx.cfg.model.num_classes))
+        lines += [f"Paper Fig. 4 style: image, ground truth, DCNN, DCNN-CRF; {what} (pixel accuracy in the "
+                  "trimap band, paper Fig. 5); the colour key names the classes shown.", "",
+                  "![qualitative](figures/qualitative.png)", ""]
     results = _search_results(ctx.layout.crf_search / "results.jsonl")
     if results:
         s = ctx.cfg.crf_search.search
+        best = ctx.layout.best_params() if ctx.layout.read_best() is not None else None
+        name = ({"miou": "mIoU", "trimap_miou": f"trimap mIoU ({s.trimap_width} px)"}.get(s.objective, "objective")
+                if isinstance(s.objective, str) else "objective")
         try:
             search_heatmap(results, folder / "crf_search.png", grid=(s.w1, s.sigma_alpha, s.sigma_beta),
-                           objective_name={"miou": "mIoU", "trimap_miou": f"trimap mIoU ({s.trimap_width} px)"}.get(
-                               s.objective, "objective") if isinstance(s.objective, str) else "objective",
-                           title=f"CRF search on the coarse grid, best outlined{diag}")
-            lines += ["![CRF search](figures/crf_search.png)", ""]
+                           objective_name=name, title=f"{diag_head}CRF search on the coarse grid: {name} per configuration",
+                           best=None if best is None else (best.w1, best.sigma_alpha, best.sigma_beta))
+            lines += ["The CRF search on the coarse grid (the refinement's points off it are left out); the red box "
+                      "is the search's best, the parameters the CRF used (the title names them, also when the "
+                      "refinement put them off this grid); grey cells in parentheses were dropped early by "
+                      "successive halving.", "", "![CRF search](figures/crf_search.png)", ""]
         except ValueError:  # no finished configuration on the coarse grid
             pass
     if trimap:
         names = {"dcnn": "DCNN", "crf": "DCNN-CRF"}
         trimap_figure({names[k]: v for k, v in trimap.items() if k in names}, folder / "trimap.png",
-                      title=f"Trimap (paper Fig. 5){diag}")
+                      title=f"{diag_head}trimap, accuracy near object boundaries (paper Fig. 5)")
     return lines
 
 
@@ -203,33 +217,48 @@ def _search_results(path: Path) -> list[dict]:
     return rows
 
 
-def qualitative_rows(ctx: RunContext, per_end: int = QUALITATIVE_ROWS) -> list[dict]:
-    """Rows of the qualitative figure: the ``per_end`` test images whose labels the CRF changed most (share
-    of pixels) and the ``per_end`` it changed least, each with image, ground truth, DCNN and CRF labels and
-    a caption; all images when there are at most ``2 * per_end``. Empty without labels or predictions."""
+def qualitative_rows(ctx: RunContext, per_end: int = QUALITATIVE_ROWS, band: int = QUALITATIVE_BAND) -> list[dict]:
+    """Rows of the qualitative figure (paper Fig. 4): the ``per_end`` test images where the CRF gained most
+    pixel accuracy within ``band`` px of an object boundary (the trimap band, paper Fig. 5) and the
+    ``per_end`` where it lost most, gains first (issue #21: the images it changed least were often
+    all-background DCNN output that showed nothing). Without CRF predictions: the images with the most
+    object pixels. Each row: image ((H, W, 3) uint8 RGB), ``gt``, ``dcnn``, ``crf`` ((H, W) class indices;
+    ``crf`` None without it), ``caption`` (id, band accuracy DCNN -> CRF) and ``band_gain`` (points, or
+    None). Empty without labels or predictions."""
     samples = [s for s in ctx.test_samples() if s.label is not None
                and ctx.layout.prediction("dcnn", s.id).is_file()]
     if not samples:
         return []
     n = ctx.cfg.model.num_classes
-    change = {}
+    measured = []
     for s in samples:
-        crf = ctx.layout.prediction("crf", s.id)
-        if crf.is_file():
-            change[s.id] = float(np.mean(read_label(crf, n) != read_label(ctx.layout.prediction("dcnn", s.id), n)))
-    order = sorted(samples, key=lambda s: -change.get(s.id, 0.0))
-    picked = order if len(order) <= 2 * per_end else order[:per_end] + order[-per_end:]
-    rows = []
-    for s in picked:
         gt = read_label(s.label, n)
         dcnn = read_label(ctx.layout.prediction("dcnn", s.id), n)
         crf_path = ctx.layout.prediction("crf", s.id)
         crf = read_label(crf_path, n) if crf_path.is_file() else None
-        valid = gt != 255
-        caption = f"{s.id}\nDCNN acc. {100 * np.mean(dcnn[valid] == gt[valid]):.1f} %"
-        if crf is not None:
-            caption += (f"\nCRF acc. {100 * np.mean(crf[valid] == gt[valid]):.1f} %"
-                        f"\nCRF changed {100 * change[s.id]:.1f} % px")
+        in_band = trimap_band(gt, band)
+        acc = {}
+        for name, pred in (("dcnn", dcnn), ("crf", crf)):
+            if pred is not None and in_band.any():
+                acc[name] = 100.0 * float(np.mean(pred[in_band] == gt[in_band]))
+        gain = acc["crf"] - acc["dcnn"] if len(acc) == 2 else None
+        objects = int(np.sum((gt != 0) & (gt != 255)))
+        measured.append((s, gt, dcnn, crf, acc, gain, objects))
+    with_gain = [i for i, m in enumerate(measured) if m[5] is not None]
+    if with_gain:
+        order = sorted(with_gain, key=lambda i: -measured[i][5])
+        chosen = [i for i in order if measured[i][5] > 0][:per_end]
+        chosen += [i for i in reversed(order) if measured[i][5] < 0][:per_end]
+        rest = [i for i in order if i not in chosen]  # too few gains or losses: the largest changes after them
+        chosen += sorted(rest, key=lambda i: -abs(measured[i][5]))[: max(0, 2 * per_end - len(chosen))]
+        picked = sorted((measured[i] for i in chosen), key=lambda m: -m[5])
+    else:
+        picked = sorted(measured, key=lambda m: -m[6])[: 2 * per_end]
+    rows = []
+    for s, gt, dcnn, crf, acc, gain, _ in picked:
+        caption = s.id
+        if gain is not None:
+            caption += f"\n{band} px band:\nDCNN {acc['dcnn']:.1f} %\nCRF {acc['crf']:.1f} %"
         rows.append({"image": np.ascontiguousarray(read_image(s.image)[:, :, ::-1]), "gt": gt, "dcnn": dcnn,
-                     "crf": crf, "caption": caption})
+                     "crf": crf, "caption": caption, "band_gain": gain, "id": s.id})
     return rows

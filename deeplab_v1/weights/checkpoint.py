@@ -10,6 +10,8 @@ any dict (also a bare state dict, e.g. an ImageNet ResNet ``.pth``); ``load_chec
 from __future__ import annotations
 
 import hashlib
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -27,6 +29,7 @@ __all__ = [
     "load_torch_file",
     "read_checkpoint",
     "save_checkpoint",
+    "unloadable_reason",
 ]
 
 #: The keys under which a checkpoint of ours holds the model's state dict, in order of preference.
@@ -45,7 +48,24 @@ def load_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many exception types for foreign or damaged files
-        raise CheckpointError(f"{path}: not a checkpoint loadable with weights_only=True ({exc})") from exc
+        raise CheckpointError(f"{path}: {unloadable_reason(path, exc)}") from exc
+
+
+def unloadable_reason(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, on one line, without torch's own advice to
+    load with ``weights_only=False`` (which would run whatever code the file holds; issue #21)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):  # neither torch.save's zip nor a pickle
+        return ("not a checkpoint: not a file torch.save wrote (pass a .pth such as "
+                "runs/<name>/checkpoints/final.pth, or a .caffemodel to deeplab convert)")
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"WeightsUnpickler error: ([^\n]{1,100})", text)
+        detail = f" (e.g. {found.group(1)})" if found else ""
+        return f"not a checkpoint of tensors: it holds other Python objects{detail}, not loaded as they could run code"
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"not a readable PyTorch file, damaged or cut short ({type(exc).__name__}: {first})"
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict:

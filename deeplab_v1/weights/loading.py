@@ -56,7 +56,7 @@ def open_weights(path: Path) -> Opened:
             return "caffemodel", read_caffemodel(path)
         except CaffeModelError as caffe_exc:
             raise WeightsError(
-                f"{path}: neither a PyTorch checkpoint ({torch_err.__cause__}) nor a .caffemodel ({caffe_exc})"
+                f"{path}: neither a PyTorch checkpoint ({str(torch_err).split(': ', 1)[-1]}) nor a .caffemodel ({caffe_exc})"
             ) from caffe_exc
 
 
