@@ -32,9 +32,11 @@ from .context import RunContext, StageError
 from .data.check import check_samples
 from .data.lists import Sample
 from .distributed import DISTRIBUTED_STAGES, barrier, on_main
-from .fingerprints import STAGE_DATA, UPSTREAM, changed_keys, data_stamp, fingerprint, stage_inputs
+from .fingerprints import (UPSTREAM, changed_keys, crf_backend_stamp, data_stamp, fingerprint, image_shapes,
+                           search_backend_stamp, stage_data, stage_inputs)
 from .layout import STAGES
 from .stages import STAGE_RUNNERS
+from .stages.crf_search import choose_subset
 
 __all__ = ["Runner", "StageError", "run_lock"]
 
@@ -127,15 +129,33 @@ class Runner:
     def fingerprint(self, stage: str) -> tuple[str, dict]:
         """(fingerprint, inputs) of ``stage`` now: its config keys and files, and the fingerprints recorded
         by the stages it reads from."""
-        inputs = stage_inputs(stage, config_mod.to_dict(self.cfg))
-        for split, fields in STAGE_DATA[stage]:  # the data files it reads: size and mtime
+        config = config_mod.to_dict(self.cfg)
+        inputs = stage_inputs(stage, config)
+        for split, fields in stage_data(stage, config):  # the data files it reads: size and mtime
             if split == "train" and self.cfg.train.iterations == 0:
                 continue  # no training: the list is not read
             samples = self.ctx.train_samples() if split == "train" else self.ctx.test_samples()
             for f in fields:
                 inputs[f"data.{split}_{f}s#files"] = data_stamp(getattr(x, f) for x in samples)
+        inputs.update(self._backend_inputs(stage))
         upstream = {u: (self.layout.read_record(u) or {}).get("fingerprint") for u in UPSTREAM[stage]}
         return fingerprint(inputs, upstream), inputs
+
+    def _backend_inputs(self, stage: str) -> dict[str, str]:
+        """Under ``backend: auto``, the CRF backend ``stage`` will run (``crf.backend#resolved``,
+        ``crf_search.backend#resolved``): torch and pydensecrf differ in the last bits (issue #20)."""
+        n = self.cfg.model.num_classes
+        if stage == "crf" and self.cfg.crf.enabled and self.cfg.crf.backend == "auto":
+            c = self.cfg.crf
+            shapes = image_shapes([x.image for x in self.ctx.test_samples()], n)
+            return {"crf.backend#resolved": crf_backend_stamp(c.backend, c.device, c.memory_mb, shapes)}
+        search = config_mod.to_dict(self.cfg)["crf_search"]
+        if stage == "crf_search" and search["enabled"] and search["backend"] == "auto":
+            samples = {x.id: x for x in self.ctx.test_samples()}
+            ids = choose_subset(list(samples), self.cfg.crf_search.num_images, self.cfg.crf_search.seed)
+            shapes = image_shapes([samples[i].image for i in ids], n)
+            return {"crf_search.backend#resolved": search_backend_stamp(search, shapes)}
+        return {}
 
     def run(self, stages: Optional[list[str]] = None) -> dict:
         """Run ``stages`` (default: the config's), skipping finished ones whose fingerprint is unchanged.
