@@ -4,7 +4,7 @@ Layout of ``<output_dir>`` (stage that writes -> stages that read)::
 
     config.yaml              resolved configuration              runner -> (user)
     run.log                  the log                             every stage
-    .lock                    the writer's pid                    runner
+    .lock                    the writer's host and pid (flock) runner
     .data_check.json         images/labels found good (size:mtime) runner
     stages/<stage>.json      completion records (+ fingerprint)  runner -> runner, report
     stages/<stage>.started.json the fingerprint of a stage under way runner
@@ -71,7 +71,7 @@ class RunLayout:
 
     @property
     def lock(self) -> Path:
-        """``.lock``: the pid of the process writing the run folder."""
+        """``.lock``: held (flock) by the process writing the run folder; names its host and pid."""
         return self.root / ".lock"
 
     @property

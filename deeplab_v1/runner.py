@@ -8,8 +8,9 @@ skipped, so a rerun resumes; a stage whose fingerprint changed is redone, and th
 keys. ``redo`` reruns named stages and the stages after them (``redo_only`` the named stages alone),
 finished or not. Within a stage, finished per-image files are kept, so a killed test or CRF stage
 continues where it stopped; a stage started under another fingerprint (``stages/<stage>.started.json``)
-starts from scratch. One run folder has one writer at a time (``.lock`` holds its pid; the lock of a dead
-process is taken over). Under torchrun (``deeplab_v1.distributed``) rank 0 holds the lock, checks the
+starts from scratch. One run folder has one writer at a time (``deeplab_v1.run_lock``: ``.lock``, held with
+``flock``, names its host and pid; the lock of a dead process is taken over by exactly one of its
+contenders). Under torchrun (``deeplab_v1.distributed``) rank 0 holds the lock, checks the
 data, plans each stage and writes its record; every rank runs the ``DISTRIBUTED_STAGES``, with a
 barrier after each.
 """
@@ -17,7 +18,6 @@ barrier after each.
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -35,52 +35,11 @@ from .distributed import DISTRIBUTED_STAGES, barrier, on_main
 from .fingerprints import (UPSTREAM, changed_keys, crf_backend_stamp, data_stamp, fingerprint, image_shapes,
                            search_backend_stamp, stage_data, stage_inputs)
 from .layout import STAGES
+from .run_lock import run_lock
 from .stages import STAGE_RUNNERS
 from .stages.crf_search import choose_subset
 
 __all__ = ["Runner", "StageError", "run_lock"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def run_lock(lock: Path) -> Iterator[None]:
-    """Hold the lock file ``lock`` (the holder's pid) while the block runs (``RunLayout.lock``).
-
-    Raises:
-        StageError: another live process holds it (names its pid and the folder).
-    """
-    lock = Path(lock)
-    folder = lock.parent
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise StageError(f"{folder}: the run folder is in use by process {pid} (its lock {lock}); wait for "
-                                 "it, or choose another output_dir") from None
-            lock.unlink(missing_ok=True)  # a stale lock of a dead process: take it over
-    else:  # pragma: no cover - a racing writer took it between our unlink and open
-        raise StageError(f"{folder}: could not take the run folder's lock {lock}")
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 class Runner:
