@@ -155,14 +155,31 @@ class Runner:
             self.layout.clear(s)
             self.layout.started(s).unlink(missing_ok=True)
 
+    def _gone_outputs(self, stage: str, rec: Optional[dict], fp: str) -> list:
+        """The per-image outputs of ``stage``, finished under ``fp``, that have been deleted since
+        (``RunLayout.missing_outputs``): they are rebuilt rather than silently left out (issue #20)."""
+        if rec is None or rec.get("fingerprint") != fp:
+            return []
+        return self.layout.missing_outputs(stage, [s.id for s in self.ctx.test_samples()])
+
     def _begin(self, stage: str) -> Optional[tuple[str, dict]]:
         """(fingerprint, inputs) of a stage to run, its stale outputs cleared; None when it is done."""
         fp, inputs = self.fingerprint(stage)
         rec = self.layout.read_record(stage)
-        if rec is not None and rec.get("fingerprint") == fp:
+        gone = self._gone_outputs(stage, rec, fp)
+        stale = rec is not None and stage in self._stale
+        if rec is not None and rec.get("fingerprint") == fp and not gone and not stale:
             self.log.info(f"stage {stage}: done already (skipped; --redo {stage} to rerun)")
             return None
-        if rec is not None and "fingerprint" not in rec:
+        if stale:
+            self.log.info(f"stage {stage}: a stage before it rebuilt outputs it reads: redoing it")
+            self.layout.clear(stage)
+        elif gone:  # the outputs still there were made under these inputs: the stage rebuilds the rest
+            self.log.info(f"stage {stage}: finished, but {len(gone)} of its outputs are gone (e.g. {gone[0]}): "
+                          "rebuilding them")
+            self._stale.update(STAGES[STAGES.index(stage) + 1:])  # they read what is rebuilt now
+            self.layout.record(stage).unlink()
+        elif rec is not None and "fingerprint" not in rec:
             self.log.info(f"stage {stage}: its record has no fingerprint (a run folder of an older version): "
                           "redoing it")
             self.layout.clear(stage)
@@ -188,6 +205,7 @@ class Runner:
         on_main(self._clear_for_redo)
         t_all = time.perf_counter()
         self._wrote_config = False
+        self._stale: set[str] = set()
         for stage in STAGES:
             if stage not in stages:
                 continue

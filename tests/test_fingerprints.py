@@ -117,3 +117,37 @@ def test_a_budget_that_switches_the_crf_backend_redoes_the_crf_stage(tmp_path):
     assert "(crf.backend#resolved)" in (out / "run.log").read_text()
     np.testing.assert_equal(sorted(p.name for p in (out / "predictions" / "crf").iterdir()),
                             sorted(p.name for p in (out / "predictions" / "dcnn").iterdir()))
+
+
+def test_evaluate_with_the_crf_predictions_gone_fails_or_rebuilds_never_reports_less(tmp_path, capsys):
+    """A finished crf stage whose predictions were deleted: `deeplab evaluate --redo` fails with one line
+    naming them and leaves no metrics, report or figures of the earlier evaluation; `deeplab run` rebuilds
+    them (the crf stage, then the evaluation) and reports the CRF row again."""
+    from deeplab_v1.cli import main
+
+    root, out = _copy_sample(tmp_path), tmp_path / "run"
+    _demo(out, root, "crf.backend=pydensecrf")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["crf"] and (out / "report.md").is_file() and (out / "figures").is_dir()
+    crf_before = _mtimes(out)["crf.json"]
+    shutil.rmtree(out / "predictions" / "crf")
+    args = ["evaluate", str(DEMO), "--no-progress", "--redo"]
+    for o in [f"output_dir={out}", f"data.root={root}", "data.max_test_images=1", "stages=[test, crf, evaluate]",
+              "crf.use_search=false", "crf.workers=1", "crf.params={iterations: 2}", "evaluation.trimap_widths=[2]",
+              "crf.backend=pydensecrf"]:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deeplab: error: evaluate: 1 of 1 DCNN-CRF predictions are missing") and "\n" not in err
+    for name in ("metrics.json", "trimap.json", "trimap.png", "report.md", "figures"):
+        assert not (out / name).exists(), name
+    assert not (out / "stages" / "evaluate.json").exists()
+    _demo(out, root, "crf.backend=pydensecrf")
+    assert _mtimes(out)["crf.json"] != crf_before
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert "1 of its outputs are gone" in (out / "run.log").read_text()
+    shutil.rmtree(out / "predictions" / "crf")  # `deeplab run` again: rebuilt, and the evaluation redone
+    evaluated = _mtimes(out)["evaluate.json"]
+    _demo(out, root, "crf.backend=pydensecrf")
+    assert _mtimes(out)["evaluate.json"] != evaluated
+    assert json.loads((out / "metrics.json").read_text()) == metrics
