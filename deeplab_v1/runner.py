@@ -10,8 +10,8 @@ finished or not. Within a stage, finished per-image files are kept, so a killed 
 continues where it stopped; a stage started under another fingerprint (``stages/<stage>.started.json``)
 starts from scratch. One run folder has one writer at a time (``deeplab_v1.run_lock``: ``.lock``, held with
 ``flock``, names its host and pid; the lock of a dead process is taken over by exactly one of its
-contenders). Under torchrun (``deeplab_v1.distributed``) rank 0 holds the lock, checks the
-data, plans each stage and writes its record; every rank runs the ``DISTRIBUTED_STAGES``, with a
+contenders). Under torchrun (``deeplab_v1.distributed``) rank 0 holds the lock, every rank checks its
+share of the data, rank 0 plans each stage and writes its record; every rank runs the ``DISTRIBUTED_STAGES``, with a
 barrier after each.
 """
 
@@ -31,7 +31,7 @@ from .config import ExperimentConfig
 from .context import RunContext, StageError
 from .data.check import check_samples
 from .data.lists import Sample
-from .distributed import DISTRIBUTED_STAGES, barrier, on_main
+from .distributed import DISTRIBUTED_STAGES, RankError, barrier, on_main
 from .fingerprints import (UPSTREAM, changed_keys, crf_backend_stamp, data_stamp, fingerprint, image_shapes,
                            search_backend_stamp, stage_data, stage_inputs)
 from .layout import STAGES
@@ -40,6 +40,23 @@ from .stages import STAGE_RUNNERS
 from .stages.crf_search import choose_subset
 
 __all__ = ["Runner", "StageError", "run_lock"]
+
+
+def _gather_objects(obj: object) -> list:
+    """Every rank's picklable ``obj``, in rank order (``torch.distributed.all_gather_object``).
+
+    Raises:
+        RankError: another rank died.
+    """
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(parts, obj)
+    except RuntimeError as exc:
+        raise RankError(f"another rank stopped (its error comes first in the output): "
+                        f"{(str(exc).splitlines() or [''])[0]}") from exc
+    return parts
 
 
 class Runner:
@@ -72,7 +89,9 @@ class Runner:
     def check_inputs(self) -> None:
         """Before any long work: the data lists (every file present), then every image decodable and every
         label readable, of its image's size, with values in 0..num_classes-1 or 255
-        (``data.check.check_samples``, remembered in ``.data_check.json`` by file size and mtime).
+        (``data.check.check_samples``, remembered in ``.data_check.json`` by file size and mtime). Under
+        torchrun every rank checks its share and the verdicts are gathered: no rank waits in a collective
+        while another checks a whole list (issue #20).
 
         Raises:
             DataError: every problem found, each naming the file.
@@ -82,8 +101,9 @@ class Runner:
             samples += self.ctx.train_samples()
         if any(s in self.cfg.stages for s in ("test", "crf", "evaluate", "crf_search")):
             samples += self.ctx.test_samples()
+        info = self.ctx.dist
         check_samples(samples, self.cfg.model.num_classes, cache=self.layout.data_check,
-                      progress=self.ctx.progress)
+                      progress=self.ctx.progress, rank=info.rank, world=info.world, gather=_gather_objects)
 
     def fingerprint(self, stage: str) -> tuple[str, dict]:
         """(fingerprint, inputs) of ``stage`` now: its config keys and files, and the fingerprints recorded
@@ -127,8 +147,8 @@ class Runner:
         for s in stages:
             if s not in STAGES:
                 raise StageError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
-        on_main(self.check_inputs)  # rank 0 checks (and writes .data_check.json); its error stops every rank
         with self._lock():
+            self.check_inputs()  # every rank its share; every rank raises what any rank found
             return self._run(stages)
 
     @contextmanager
