@@ -23,6 +23,13 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from crf.backend_choice import default_memory_mb, resolve_backend
+from crf.pool import available_cores
+from PIL import Image
+
+from .config import ExperimentConfig, to_dict
+from .data.lists import Sample
+from .stages.crf_search import choose_subset
 from .weights.checkpoint import file_sha256
 
 #: Dotted config keys (a key covers its whole section) each stage's result depends on.
@@ -132,8 +139,6 @@ def image_shapes(paths: Iterable[Path], channels: int) -> list[tuple[int, int, i
     Raises:
         OSError: a file that cannot be opened (the data check names it first).
     """
-    from PIL import Image
-
     shapes = []
     for p in paths:
         st = Path(p).stat()
@@ -152,8 +157,6 @@ def crf_backend_stamp(backend: str, device: str, memory_mb: Optional[float],
     ``"pydensecrf"`` or ``"torch, pydensecrf for N of M images"``. An explicit backend is itself."""
     if backend != "auto":
         return backend
-    from crf.backend_choice import default_memory_mb, resolve_backend
-
     budget = float(memory_mb) if memory_mb is not None else default_memory_mb(device)
     ran = [resolve_backend(backend, device, [s], memory_mb=budget).backend for s in shapes]
     slow = ran.count("pydensecrf")
@@ -166,14 +169,29 @@ def search_backend_stamp(search: dict, shapes: Sequence[Sequence[int]]) -> str:
     """The backend the CRF search will run (``crf.search.run_search``: ``auto`` resolved once on the
     largest of the search's images, within ``memory_mb`` shared by ``workers`` (default: the cores) processes,
     for ``len(w1)`` configurations per call). ``search``: the ``crf_search`` section of ``config.to_dict``."""
-    from crf.backend_choice import resolve_backend
-    from crf.pool import available_cores
-
     if search.get("backend", "auto") != "auto":
         return search["backend"]
     return resolve_backend("auto", search.get("device", "cpu"), shapes, memory_mb=search.get("memory_mb"),
                            processes=search.get("workers") or available_cores(),
                            configs=len(search.get("w1") or [1])).backend
+
+
+def backend_inputs(stage: str, cfg: ExperimentConfig, test_samples: Sequence[Sample]) -> dict[str, str]:
+    """Under ``backend: auto``, the CRF backend ``stage`` will run, for its fingerprint
+    (``crf.backend#resolved``, ``crf_search.backend#resolved``): torch and pydensecrf differ in the last
+    bits (issue #20). ``test_samples``: the run's test list. Other stages and explicit backends: {}."""
+    n = cfg.model.num_classes
+    if stage == "crf" and cfg.crf.enabled and cfg.crf.backend == "auto":
+        c = cfg.crf
+        shapes = image_shapes([x.image for x in test_samples], n)
+        return {"crf.backend#resolved": crf_backend_stamp(c.backend, c.device, c.memory_mb, shapes)}
+    search = to_dict(cfg)["crf_search"]
+    if stage == "crf_search" and search["enabled"] and search["backend"] == "auto":
+        samples = {x.id: x for x in test_samples}
+        ids = choose_subset(list(samples), cfg.crf_search.num_images, cfg.crf_search.seed)
+        return {"crf_search.backend#resolved": search_backend_stamp(search,
+                                                                    image_shapes([samples[i].image for i in ids], n))}
+    return {}
 
 
 def fingerprint(inputs: dict[str, Any], upstream: dict[str, Optional[str]]) -> str:

@@ -11,8 +11,8 @@ continues where it stopped; a stage started under another fingerprint (``stages/
 starts from scratch. One run folder has one writer at a time (``deeplab_v1.run_lock``: ``.lock``, held with
 ``flock``, names its host and pid; the lock of a dead process is taken over by exactly one of its
 contenders). Under torchrun (``deeplab_v1.distributed``) rank 0 holds the lock, every rank checks its
-share of the data, rank 0 plans each stage and writes its record; every rank runs the ``DISTRIBUTED_STAGES``, with a
-barrier after each.
+share of the data, rank 0 plans each stage and writes its record; every rank runs the
+``DISTRIBUTED_STAGES``, with a barrier after each.
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ from .context import RunContext, StageError
 from .data.check import check_samples
 from .data.lists import Sample
 from .distributed import DISTRIBUTED_STAGES, RankError, barrier, on_main
-from .fingerprints import (UPSTREAM, changed_keys, crf_backend_stamp, data_stamp, fingerprint, image_shapes,
-                           search_backend_stamp, stage_data, stage_inputs)
+from .fingerprints import UPSTREAM, backend_inputs, changed_keys, data_stamp, fingerprint, stage_data, stage_inputs
 from .layout import STAGES
 from .run_lock import run_lock
 from .stages import STAGE_RUNNERS
-from .stages.crf_search import choose_subset
 
 __all__ = ["Runner", "StageError", "run_lock"]
 
@@ -116,25 +114,9 @@ class Runner:
             samples = self.ctx.train_samples() if split == "train" else self.ctx.test_samples()
             for f in fields:
                 inputs[f"data.{split}_{f}s#files"] = data_stamp(getattr(x, f) for x in samples)
-        inputs.update(self._backend_inputs(stage))
+        inputs.update(backend_inputs(stage, self.cfg, self.ctx.test_samples()))
         upstream = {u: (self.layout.read_record(u) or {}).get("fingerprint") for u in UPSTREAM[stage]}
         return fingerprint(inputs, upstream), inputs
-
-    def _backend_inputs(self, stage: str) -> dict[str, str]:
-        """Under ``backend: auto``, the CRF backend ``stage`` will run (``crf.backend#resolved``,
-        ``crf_search.backend#resolved``): torch and pydensecrf differ in the last bits (issue #20)."""
-        n = self.cfg.model.num_classes
-        if stage == "crf" and self.cfg.crf.enabled and self.cfg.crf.backend == "auto":
-            c = self.cfg.crf
-            shapes = image_shapes([x.image for x in self.ctx.test_samples()], n)
-            return {"crf.backend#resolved": crf_backend_stamp(c.backend, c.device, c.memory_mb, shapes)}
-        search = config_mod.to_dict(self.cfg)["crf_search"]
-        if stage == "crf_search" and search["enabled"] and search["backend"] == "auto":
-            samples = {x.id: x for x in self.ctx.test_samples()}
-            ids = choose_subset(list(samples), self.cfg.crf_search.num_images, self.cfg.crf_search.seed)
-            shapes = image_shapes([samples[i].image for i in ids], n)
-            return {"crf_search.backend#resolved": search_backend_stamp(search, shapes)}
-        return {}
 
     def run(self, stages: Optional[list[str]] = None) -> dict:
         """Run ``stages`` (default: the config's), skipping finished ones whose fingerprint is unchanged.
