@@ -23,8 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from crf.backend_choice import default_memory_mb, resolve_backend
-from crf.pool import available_cores
+from crf.parallel import run_backend
 from PIL import Image
 
 from .config import ExperimentConfig, to_dict
@@ -152,28 +151,18 @@ def image_shapes(paths: Iterable[Path], channels: int) -> list[tuple[int, int, i
 
 def crf_backend_stamp(backend: str, device: str, memory_mb: Optional[float],
                       shapes: Sequence[Sequence[int]]) -> str:
-    """The backend(s) the crf stage will run (``crf.parallel.run_crf_many``: ``auto`` is resolved per image
-    within ``memory_mb``, by default ``crf.backend_choice.default_memory_mb(device)``): ``"torch"``,
-    ``"pydensecrf"`` or ``"torch, pydensecrf for N of M images"``. An explicit backend is itself."""
-    if backend != "auto":
-        return backend
-    budget = float(memory_mb) if memory_mb is not None else default_memory_mb(device)
-    ran = [resolve_backend(backend, device, [s], memory_mb=budget).backend for s in shapes]
-    slow = ran.count("pydensecrf")
-    if slow in (0, len(ran)):
-        return ran[0] if ran else resolve_backend(backend, device, [], memory_mb=budget).backend
-    return f"torch, pydensecrf for {slow} of {len(ran)} images"
+    """The backend the crf stage will run: ``crf.parallel.run_backend`` of the configuration and the images'
+    (C, H, W) shapes, the very call the stage makes (``auto`` resolved once for every image, within
+    ``memory_mb`` or the fixed default budget). An explicit backend is itself."""
+    return run_backend(backend, device, shapes, memory_mb=memory_mb).backend
 
 
 def search_backend_stamp(search: dict, shapes: Sequence[Sequence[int]]) -> str:
-    """The backend the CRF search will run (``crf.search.run_search``: ``auto`` resolved once on the
-    largest of the search's images, within ``memory_mb`` shared by ``workers`` (default: the cores) processes,
-    for ``len(w1)`` configurations per call). ``search``: the ``crf_search`` section of ``config.to_dict``."""
-    if search.get("backend", "auto") != "auto":
-        return search["backend"]
-    return resolve_backend("auto", search.get("device", "cpu"), shapes, memory_mb=search.get("memory_mb"),
-                           processes=search.get("workers") or available_cores(),
-                           configs=len(search.get("w1") or [1])).backend
+    """The backend the CRF search will run: ``crf.parallel.run_backend`` as ``crf.search.plan.make_plan``
+    calls it (the search images' shapes, ``memory_mb``, ``len(w1)`` configurations per call). ``search``: the
+    ``crf_search`` section of ``config.to_dict``."""
+    return run_backend(search.get("backend", "auto"), search.get("device", "cpu"), shapes,
+                       memory_mb=search.get("memory_mb"), configs=len(search.get("w1") or [1])).backend
 
 
 def backend_inputs(stage: str, cfg: ExperimentConfig, test_samples: Sequence[Sample]) -> dict[str, str]:
