@@ -176,15 +176,17 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
                                 "crf_runs_grid": len(round_of) * len(files), "backend_requested": config.backend,
                                 "backend_reason": choice.reason, "device": choice.device,
                                 "layout": evaluator.layout, "layout_reason": evaluator.layout_reason,
-                                **({"eta": config.eta, "rungs": schedule} if config.strategy == "halving" else {})})
+                                **config.halving_plan(len(files))})
         if progress:
             from tqdm import tqdm
 
             obj = best_rec.get("objective")
+            plan = config.halving_plan(len(files))
             obj_s = "n/a" if obj is None else (f"{obj:.6g}" if callable(config.objective) else f"{100 * obj:.2f}%")
             tqdm.write(f"crf search ({config.strategy}, {choice.backend}, {evaluator.layout}): {len(rows)} "
                        f"configurations, {total_runs} CRF runs of {len(round_of) * len(files)} for the grid "
                        f"({evaluator.crf_runs} made now) x {len(files)} images in "
                        f"{seconds:.1f} s; best w1={best.w1:g} sigma_alpha={best.sigma_alpha:g} "
-                       f"sigma_beta={best.sigma_beta:g}: {key['objective_name']} {obj_s}")
+                       f"sigma_beta={best.sigma_beta:g}: {key['objective_name']} {obj_s}"
+                       + (f"; halving rungs {schedule}: {plan['halving_note']}" if plan else ""))
     return result
