@@ -27,11 +27,11 @@ DECIMALS = 6
 HALVING_FLOOR = 10
 #: Why :data:`HALVING_FLOOR` (written into ``best.json`` beside it): the study that chose it.
 HALVING_FLOOR_REASON = (
-    "a first rung of fewer than 10 images drops the grid's best on small subsets: on VOC val images "
-    "(tools/halving_study.py, the paper's 96-configuration grid, mIoU, 300 random subsets of 12-36 images "
-    "per row) rungs of 2-4 images missed it by more than 0.1 mIoU points in 7-19 % of the subsets (up to 2 "
-    "points), 6-8 images in under 1 %, 10 images in none of 1200; from 82 images on ceil(images / 9) >= 10 "
-    "and the floor changes nothing")
+    "a first rung of few images drops the grid's best on small subsets: on VOC val images (tools/halving_study.py: "
+    "the paper's 96-configuration grid, mIoU, DIAGNOSTIC degraded-GT scores, 2400 random subsets of 12-36 "
+    "images and orders) halving missed the grid's best by more than 0.1 mIoU points in 12 % of them with "
+    "the old first rung ceil(images / 9) (up to 2 points), 4.8 % with a floor of 4, 1.3 % of 6, 0.4 % of 8 "
+    "and 1 of 2400 of 10; from 82 images on ceil(images / 9) >= 10 and the floor changes nothing")
 
 
 def _floats(name: str, values: Any, minimum: float, strict: bool) -> list[float]:
@@ -83,10 +83,11 @@ class SearchConfig:
             torch on an idle machine in-process, else (and for pydensecrf) CPU cores / local ranks.
         strategy: ``"grid"`` (every configuration of a round on every image, the paper's) or
             ``"halving"``: successive halving over the images (:meth:`halving_schedule`): each round's
-            configurations are scored on ``min_images`` images, the best ``1/eta`` of them on ``eta`` times
-            as many, and so on until the finalists are scored on all images with the same summed-confusion
-            objective; the best finalist wins (and centres the next refinement round). The cut keeps
-            whole lattice groups (every w1 of a (sigma_alpha, sigma_beta); ``crf.search.run.halving_cut``).
+            configurations are scored on ``min_images`` images (at least ``halving_floor``), the best
+            ``1/eta`` of them on ``eta`` times as many, and so on until the finalists are scored on all
+            images with the same summed-confusion objective; the best finalist wins (and centres the next
+            refinement round). The cut keeps whole lattice groups (every w1 of a (sigma_alpha,
+            sigma_beta); ``crf.search.run.halving_cut``).
         eta: the halving factor (an integer >= 2): keep ``ceil(groups / eta)`` lattice groups per rung.
         min_images: images of the first rung (``None``: ``ceil(images / eta**2)``, three rungs), raised to
             ``halving_floor``.
