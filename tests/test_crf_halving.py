@@ -8,10 +8,8 @@ import math
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-from PIL import Image
 
 from crf.confusion import miou
 from crf.input_files import write_search_input
@@ -19,8 +17,7 @@ from crf.search import SearchConfig, run_search
 from crf.search.evaluate import image_order
 from deeplab_v1.data.degraded import degraded_probs
 from search_helpers import Bowl
-
-NUM_CLASSES = 21
+from voc_search_files import voc_search_files
 
 
 def test_schedule_grows_by_eta_and_ends_on_every_image():
@@ -189,20 +186,7 @@ def test_the_grid_completes_a_halving_search_from_its_records(small_files, halvi
 def voc_files(shared_voc, tmp_path_factory):
     """Search input files of nine VOC val images at a quarter of their size, DIAGNOSTIC degraded-GT
     probabilities (float16)."""
-    folder = tmp_path_factory.mktemp("halving_voc")
-    ids = (shared_voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[10:19]
-    files = []
-    for i in ids:
-        image = np.array(Image.open(shared_voc / "JPEGImages" / f"{i}.jpg").convert("RGB"))
-        label = np.array(Image.open(shared_voc / "SegmentationClass" / f"{i}.png"))
-        size = (image.shape[1] // 4, image.shape[0] // 4)
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
-        probs = degraded_probs(label, NUM_CLASSES, stride=16, blur_sigma=4.0, temperature=3.0)
-        f = folder / f"{i}.npz"
-        write_search_input(f, image, probs.astype(np.float16), label)
-        files.append(f)
-    return files
+    return voc_search_files(shared_voc, slice(10, 19), tmp_path_factory.mktemp("halving_voc"), 0.25, math.floor)
 
 
 def test_halving_finds_the_grids_best_on_voc_with_at_most_40_percent_of_the_runs(voc_files, tmp_path):

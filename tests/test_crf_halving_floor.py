@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-from PIL import Image
 
-from crf.input_files import write_search_input
 from crf.search import SearchConfig, run_search
 from crf.search.config import HALVING_FLOOR, HALVING_FLOOR_REASON
-from deeplab_v1.data.degraded import degraded_probs
 from search_helpers import Bowl
+from voc_search_files import voc_search_files
 
-NUM_CLASSES = 21
 #: 12 VOC 2012 val images (``val.txt`` positions 19-30, 2007_000862 to 2007_001154) at a quarter of their size,
 #: where the first rung of 2 images drops the grid's best (0.43 points; ``tools/halving_study.py --scale
 #: 0.25 --backend pydensecrf`` over windows of 12 of the first 36)
@@ -29,7 +23,7 @@ SCALE = 4  # the grid is 1152 pydensecrf runs of a few hundredths of a second
 
 def test_the_plan_on_12_images_scores_every_configuration_on_at_least_the_floor():
     """The schedule halving runs on 12 images: no configuration is dropped on fewer than the floor's
-    images (today's default was rungs [2, 6, 12]: 96 configurations judged on 2 images)."""
+    images (without the floor: rungs [2, 6, 12], 96 configurations judged on 2 images)."""
     assert HALVING_FLOOR >= 10
     plan = SearchConfig(strategy="halving").halving_plan(12)
     assert plan["rungs"][0] >= HALVING_FLOOR or plan["rungs"] == [12]
@@ -67,20 +61,7 @@ def test_best_json_states_the_schedule_the_floor_and_why(tmp_path):
 def voc12(shared_voc, tmp_path_factory):
     """Search input files of 12 VOC val images at a quarter of their size, DIAGNOSTIC degraded-GT
     probabilities (float16)."""
-    folder = tmp_path_factory.mktemp("voc12")
-    ids = (shared_voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[VOC_WINDOW]
-    files = []
-    for i in ids:
-        image = np.array(Image.open(shared_voc / "JPEGImages" / f"{i}.jpg").convert("RGB"))
-        label = np.array(Image.open(shared_voc / "SegmentationClass" / f"{i}.png"))
-        size = (round(image.shape[1] / SCALE), round(image.shape[0] / SCALE))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
-        probs = degraded_probs(label, NUM_CLASSES, stride=16, blur_sigma=4.0, temperature=3.0)
-        f = folder / f"{i}.npz"
-        write_search_input(f, image, probs.astype(np.float16), label)
-        files.append(f)
-    return files
+    return voc_search_files(shared_voc, VOC_WINDOW, tmp_path_factory.mktemp("voc12"), 1 / SCALE)
 
 
 @pytest.mark.slow
