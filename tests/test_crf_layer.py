@@ -98,7 +98,7 @@ def test_learned_weights_stay_positive_and_the_compatibility_symmetric():
         layer.compatibility_raw[0, 1] = 2.0
     assert 0 < layer.current_params().w1 < 1e-10
     mu = layer.compatibility()
-    assert torch.equal(mu, mu.T) and float(mu[0, 1]) == 1.0
+    assert torch.equal(mu, mu.T) and float(mu.detach()[0, 1]) == 1.0
 
 
 def test_an_optimizer_step_changes_the_learned_parameters_only():
