@@ -38,7 +38,7 @@ from .errors import CRFInputError
 from .meanfield import build_lattice
 from .params import CRFParams
 from .permutohedral import PermutohedralLattice, bilateral_features, gaussian_features
-from .torch_backend import symmetric_normalization
+from .torch_backend import reuse_freed_memory, symmetric_normalization
 
 __all__ = ["DenseCRFLayer", "CRFLattices", "LEARNABLE"]
 
@@ -225,15 +225,18 @@ class DenseCRFLayer(nn.Module):
         if lattices is None:
             if images is None:
                 raise CRFInputError("images are needed when no lattices are given")
-            if images.device != scores.device:
-                raise CRFInputError(f"images are on {images.device}, scores on {scores.device}")
-            if images.dim() == 4 and (images.shape[0], *images.shape[2:]) != (n, h, w):
-                raise CRFInputError(f"images {tuple(images.shape)} do not match scores {tuple(scores.shape)}")
+            if isinstance(images, torch.Tensor) and images.dim() == 4:
+                if images.device != scores.device:
+                    raise CRFInputError(f"images are on {images.device}, scores on {scores.device}")
+                if (images.shape[0], *images.shape[2:]) != (n, h, w):
+                    raise CRFInputError(f"images {tuple(images.shape)} do not match scores {tuple(scores.shape)}")
             lattices = self.prepare(images)
         elif lattices.shape != (n, h, w) or lattices.device != scores.device:
             raise CRFInputError(f"lattices of {lattices.shape} on {lattices.device} do not match scores "
                                 f"{tuple(scores.shape)} on {scores.device}")
         dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        if scores.device.type == "cpu":
+            reuse_freed_memory()  # as the post-hoc backend: freed (P, C) blocks reused, not page-faulted anew
         with torch.autocast(device_type=scores.device.type, enabled=False):
             unary = scores.to(dtype).permute(0, 2, 3, 1).reshape(n * h * w, c)
             energy = self._mean_field(unary, lattices.ops(dtype), iterations, dtype)
