@@ -89,6 +89,12 @@ def test_gradcheck_of_scores_and_every_learnable_parameter():
         return functional_call(layer, dict(zip(names, params)), (images, s))
 
     assert gradcheck(run, (scores.requires_grad_(True), *values))
+    # a batch of two images: one lattice, the images kept apart as segments
+    images2, scores2 = small_problem(seed=7, height=4, width=3)
+    images2 = torch.cat([images2, images2.flip(-1)])
+    scores2 = torch.cat([scores2, scores2.flip(-2)]).requires_grad_(True)
+    assert gradcheck(lambda s, *params: functional_call(layer, dict(zip(names, params)), (images2, s)),
+                     (scores2, *values))
 
 
 def test_learned_weights_stay_positive_and_the_compatibility_symmetric():
@@ -218,3 +224,17 @@ def test_bad_forward_inputs_are_named_errors():
     # a weight of 0 that is not learned drops its kernel, as in the post-hoc CRF
     fixed = DenseCRFLayer(3, CRFParams(w1=0.0, sigma_alpha=3, sigma_beta=3, iterations=2), learn=("w2",))
     assert fixed.prepare(images).bilateral is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_gives_the_cpu_values_and_gradients():
+    images, scores = small_problem(classes=4, height=20, width=24)
+    results = []
+    for device in ("cpu", "cuda"):
+        layer = DenseCRFLayer(4, SMALL).to(device)
+        s = scores.float().to(device).requires_grad_(True)
+        out = layer(images.to(device), s)
+        out.square().sum().backward()
+        results.append([t.detach().cpu() for t in (out, s.grad, *(p.grad for p in layer.parameters()))])
+    for cpu_value, cuda_value in zip(*results):
+        torch.testing.assert_close(cuda_value, cpu_value, rtol=1e-4, atol=1e-4)

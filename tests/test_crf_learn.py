@@ -79,3 +79,15 @@ def test_bad_input_is_a_named_error(change, message):
     kwargs = dict(inputs_are="scores") | change
     with pytest.raises(CRFInputError, match=message):
         fit_crf(images, scores, labels, CRFParams(w1=3, sigma_alpha=4, sigma_beta=30), **kwargs)
+
+
+def test_the_same_seed_gives_the_same_fit_and_another_seed_another_split():
+    images, scores, labels = _synthetic(count=4)
+    params = CRFParams(w1=3.0, sigma_alpha=4.0, sigma_beta=30.0, w2=2.0, sigma_gamma=2.0, iterations=2)
+    runs = [fit_crf(images, scores, labels, params, inputs_are="scores", epochs=2, batch=2, held_out=0.25, seed=seed)
+            for seed in (3, 3, 6)]
+    first, again, other = (r.to_dict() for r in runs)
+    for d in (first, again, other):
+        d.pop("seconds")
+    assert first == again
+    assert first["held_out_images"] != other["held_out_images"]

@@ -11,7 +11,8 @@ For a 321x321 crop (DeepLab's training crop) and a 500x375 image (a VOC-sized im
 Every row runs in a fresh process so that its peak memory is its own: on CPU the peak resident set
 size (``ru_maxrss``) minus the resident size just before the first measured call (inputs already made);
 on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated before. Times are the median of
-``--repeats`` calls after one warm-up call. Images come from VOC val with ``--voc`` (cropped/padded,
+``--repeats`` calls after one warm-up call, wall clock and the process's CPU time (all threads;
+less sensitive than the wall clock to other load on a shared machine). Images come from VOC val with ``--voc`` (cropped/padded,
 DIAGNOSTIC probabilities from the degraded ground truth, ``deeplab_v1.data.degraded``), otherwise
 synthetic (smooth colour regions, stride-8 random logits). The load average is printed beside the table.
 
@@ -113,17 +114,19 @@ def measure(row: str, height: int, width: int, iterations: int, voc: str | None,
         base = torch.cuda.memory_allocated(dev)
     else:
         base = _rss_mb()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats + 1):  # the first call is the warm-up (and sets the peak)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         call()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     if dev.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"ms": 1000 * statistics.median(times[1:]), "first_ms": 1000 * times[0], "peak_mb": peak}
+    return {"ms": 1000 * statistics.median(times[1:]), "cpu_s": statistics.median(cpu[1:]),
+            "first_ms": 1000 * times[0], "peak_mb": peak}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> None:
           f"device {args.device}, {threads} threads, {os.cpu_count()} cores, "
           f"inputs {'VOC val' if args.voc else 'synthetic'}, median of {args.repeats} after a warm-up; "
           f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start")
-    print(f"| size | iterations | {' | '.join(f'{r} ms' for r in ROWS)} | "
-          f"{' | '.join(f'{r} peak MiB' for r in ROWS)} | fwd+bwd / post-hoc |")
+    print(f"| size | iterations | {' | '.join(f'{r} ms (CPU s)' for r in ROWS)} | "
+          f"{' | '.join(f'{r} peak MiB' for r in ROWS)} | fwd+bwd / post-hoc (CPU) |")
     print("|---" * (3 + 2 * len(ROWS)) + "|")
     ctx = mp.get_context("spawn")
     for size, (h, w) in SIZES.items():
@@ -153,9 +156,9 @@ def main(argv: list[str] | None = None) -> None:
                 with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                     results[row] = pool.submit(measure, row, h, w, iterations, args.voc, args.device,
                                                args.repeats, args.threads).result()
-            ms = " | ".join(f"{results[r]['ms']:.0f}" for r in ROWS)
+            ms = " | ".join(f"{results[r]['ms']:.0f} ({results[r]['cpu_s']:.1f})" for r in ROWS)
             mb = " | ".join(f"{results[r]['peak_mb']:.0f}" for r in ROWS)
-            ratio = results["layer fwd+bwd"]["ms"] / results["post-hoc"]["ms"]
+            ratio = results["layer fwd+bwd"]["cpu_s"] / results["post-hoc"]["cpu_s"]
             print(f"| {size} | {iterations} | {ms} | {mb} | {ratio:.1f}x |", flush=True)
     load1 = os.getloadavg()
     print(f"# load average {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} at the end")
