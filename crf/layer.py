@@ -38,7 +38,8 @@ from .errors import CRFInputError
 from .meanfield import build_lattice
 from .params import CRFParams
 from .permutohedral import PermutohedralLattice, bilateral_features, gaussian_features
-from .torch_backend import reuse_freed_memory, symmetric_normalization
+from .memory import reuse_freed_memory
+from .torch_backend import symmetric_normalization
 
 __all__ = ["DenseCRFLayer", "CRFLattices", "LEARNABLE"]
 
