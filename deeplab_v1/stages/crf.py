@@ -69,7 +69,9 @@ def crf_backend(ctx: RunContext, caches: list[Path]) -> BackendChoice:
                 with np.load(cache, allow_pickle=False) as z:
                     shapes.append((ctx.cfg.model.num_classes, int(z["height"]), int(z["width"])))
             except (OSError, ValueError, KeyError) as exc:
-                raise StageError(f"crf: score cache {cache} is unreadable ({exc}); run the test stage again "
+                why = (f"no {exc} in it" if isinstance(exc, KeyError) else
+                       "not an .npz archive" if "pickle" in str(exc) else str(exc))  # numpy's hint must not be followed
+                raise StageError(f"crf: score cache {cache} is unreadable ({why}); run the test stage again "
                                  "(--redo test)") from exc
     return run_backend(c.backend, c.device, shapes, memory_mb=c.memory_mb)
 
