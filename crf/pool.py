@@ -21,15 +21,17 @@ from .errors import CRFInputError
 __all__ = ["available_cores", "resolve_workers", "worker_threads", "default_workers", "LAYOUT_REASON",
            "watch_parent", "worker_init", "make_executor", "InlineExecutor"]
 
-#: Why the torch backend on CPU runs as one single-threaded process per core and never in this process with
+#: Why the torch backend on CPU runs as one single-threaded process per core, never in this process with
 #: every core's threads (issue #21 item 9), measured by ``tools/bench_crf_search.py`` (VOC val images, the
 #: paper's grid, 2 cores): idle, one process of 2 threads gave 4.74 configuration x image pairs per second
-#: against 4.36 for two single-threaded processes (8 % faster); on a busy machine the threaded process fell
-#: far behind (crf-demo's search: 72.5 s in-process at a load average of 2.65 against 19.3 s as two processes
-#: at 3.9; 0.78x against 1.72x pydensecrf at a load of 5-7): a busy core stalls the other half of every op
-#: of the threaded process, while separate processes carry on. The load average cannot tell the two apart in
-#: time (it lags by a minute and counts the run's own work), so the layout that is never much slower wins.
-LAYOUT_REASON = "one single-threaded process per core (at most ~8 % slower than threads when idle, 2-4x faster when busy)"
+#: and two single-threaded processes 4.36 (8 % slower); busy, the threaded process fell far behind (crf-demo's
+#: search: 72.5 s in-process at a load average of 2.65, 19.3 s as two processes at 3.9; 0.78x against 1.72x
+#: pydensecrf at a load of 5-7; 0.32 against 0.66 pairs per second at a load of 9.6-14 from other jobs): a
+#: busy core stalls the other half of every op of the threaded process, while separate processes carry on.
+#: The load average cannot pick between them in time (it lags by a minute and counts the run's own work),
+#: so the layout that is never much slower is the only one.
+LAYOUT_REASON = ("one single-threaded process per core (idle at most ~8 % slower than one process with every "
+                 "core's threads, busy 2-4x faster)")
 
 
 def available_cores() -> int:

@@ -275,13 +275,13 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
     out = Path(out)
     record = {"checkpoint": str(pred.checkpoint), "model": pred.name, "num_classes": pred.num_classes,
               "device": str(pred.device), "test_size": pred.size,
-              "crf": None if crf_params is None else {"params": crf_params.to_dict(), "from": origin, "backend": backend,
-                                                      "memory_mb": crf_memory_mb},
+              "crf": None if crf_params is None else {"params": crf_params.to_dict(), "from": origin,
+                                                      "backend": backend, "memory_mb": crf_memory_mb},
               "images": {}}
     log(f"predict: {len(files)} images, model {pred.name} from {pred.checkpoint} on {pred.device}"
         + (f"; CRF {crf_params.to_dict()} from {origin}" if crf_params is not None else ""))
     for p, choice in choices.items():
-        log(f"predict: CRF of {p.name} ({sizes[p][1]}x{sizes[p][0]}): {choice.backend} on {choice.device} "
+        log(f"predict: CRF of {p.name} ({sizes[p][1]}x{sizes[p][0]} pixels): {choice.backend} on {choice.device} "
             f"({choice.reason}; budget {choice.memory_mb:.0f} MiB)")
     multiple = int(getattr(pred.model, "output_stride", 8))
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress, dynamic_ncols=True)
@@ -306,7 +306,7 @@ def crf_choice(path: Path, size: tuple[int, int], classes: int, backend: str, de
     choice = resolve_backend(backend, device, [(classes, *size)], memory_mb=memory_mb)
     need = torch_memory_mb(size[0] * size[1], classes)
     if backend == "torch" and need > choice.memory_mb:
-        log(f"predict: warning: the torch CRF of {path.name} ({size[1]}x{size[0]}) needs ~{need:.0f} MiB, over its "
+        log(f"predict: warning: the torch CRF of {path.name} ({size[1]}x{size[0]} pixels) needs ~{need:.0f} MiB, over its "
             f"{choice.memory_mb:.0f} MiB budget (--crf-backend auto or pydensecrf stays within it)")
     return choice
 

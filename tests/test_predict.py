@@ -21,7 +21,7 @@ from deeplab_v1.cli import main
 from deeplab_v1.data.io import DataError, read_image, voc_palette
 from deeplab_v1.engine.inference import predict
 from deeplab_v1.models import build_model
-from deeplab_v1.predict import PredictError, crf_params_for, load_predictor, predict_images
+from deeplab_v1.predict import PredictError, crf_choice, crf_params_for, load_predictor, predict_images
 from deeplab_v1.weights.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,12 +285,28 @@ def test_the_crf_of_a_large_image_stays_within_its_memory_budget_and_says_what_r
     for budget, backend in ((fits, "torch"), (tight, "pydensecrf")):
         run = runs[budget]
         assert run["backend"] == backend
-        said = [line for line in run["lines"] if line.startswith("predict: CRF of photo.jpg (240x180): ")]
+        said = [line for line in run["lines"] if line.startswith("predict: CRF of photo.jpg (240x180 pixels): ")]
         assert len(said) == 1 and f"{backend} on cpu" in said[0] and f"budget {budget:.0f} MiB" in said[0], run["lines"]
         record = json.loads((tmp_path / "out" / str(budget) / "predict.json").read_text())
         chosen = record["images"]["photo"]["crf_backend"]
         assert chosen["backend"] == backend and chosen["memory_mb"] == budget and chosen["reason"].startswith("auto: ")
         assert record["crf"]["memory_mb"] == budget
-        assert (f"needs ~{need:.0f} MiB in torch, over the {budget:.0f} MiB budget" in said[0]) == (backend != "torch")
+        assert "240x180 pixels x 21 labels" in said[0]
+        assert (f"~{need:.0f} MiB in torch, over the {budget:.0f} MiB budget" in said[0]) == (backend != "torch")
     # the measured peak of the torch CRF (image, probabilities, lattices, Q): within the budget it was chosen for
     assert 0 < runs[fits]["peak_mib"] <= fits, runs[fits]
+
+
+def test_the_crf_choice_of_a_3000_by_2000_photo_is_pydensecrf_and_an_explicit_torch_is_warned_of():
+    """The issue's photo (#21 item 8): ~15 GB in torch, over the 4096 MiB default on CPU, so ``auto`` takes
+    pydensecrf and says why; ``--crf-backend torch`` runs as asked, with a warning line naming both sizes."""
+    lines: list[str] = []
+    auto = crf_choice(Path("photo.jpg"), (2000, 3000), 21, "auto", "cpu", 4096.0, lines.append)
+    assert (auto.backend, auto.device, auto.memory_mb) == ("pydensecrf", "cpu", 4096.0) and not lines
+    assert "3000x2000 pixels x 21 labels, needs ~14923 MiB in torch, over the 4096 MiB budget" in auto.reason
+    torch_ = crf_choice(Path("photo.jpg"), (2000, 3000), 21, "torch", "cpu", 4096.0, lines.append)
+    assert torch_.backend == "torch" and lines == [
+        "predict: warning: the torch CRF of photo.jpg (3000x2000 pixels) needs ~14923 MiB, over its 4096 MiB budget "
+        "(--crf-backend auto or pydensecrf stays within it)"]
+    small = crf_choice(Path("photo.jpg"), (366, 500), 21, "auto", "cpu", 4096.0, lines.append)
+    assert small.backend == "torch" and len(lines) == 1

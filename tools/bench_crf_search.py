@@ -208,7 +208,7 @@ def main() -> int:
         print()
         print("| layout | exhaustive | halving |")
         print("|---|---:|---:|")
-        for name in (rows[0][0], best):
+        for name in dict.fromkeys((rows[0][0], best)):
             r = rates[name]
             print(f"| {name} | {runs['grid'] / r / 60:.1f} min | {runs['halving'] / r / 60:.1f} min |")
         r = rates[best]
