@@ -262,8 +262,8 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
     if crf_backend is not None and crf_backend not in CRF_BACKENDS:
         raise PredictError(f"--crf-backend must be one of {', '.join(CRF_BACKENDS)}, got {crf_backend!r}")
     if crf_memory_mb is not None and (isinstance(crf_memory_mb, bool) or not isinstance(crf_memory_mb, (int, float))
-                                      or not crf_memory_mb > 0):
-        raise PredictError(f"--crf-memory-mb must be a number of MiB > 0, got {crf_memory_mb!r}")
+                                      or not 0 < crf_memory_mb < float("inf")):
+        raise PredictError(f"--crf-memory-mb must be a finite number of MiB > 0, got {crf_memory_mb!r}")
     sizes = check_images(paths)
     files = list(sizes)
     pred = load_predictor(weights, model=model, num_classes=num_classes, device=device, size=size)

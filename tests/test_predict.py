@@ -188,7 +188,8 @@ def test_bad_images_stop_before_the_checkpoint_is_read(images, tmp_path, capsys)
     assert not out.exists()
     for option, message in ((["--crf-backend", "opencl"], "--crf-backend must be one of"),
                             (["--batch-size", "0"], "--batch-size must be >= 1"),
-                            (["--crf", "--crf-memory-mb", "0"], "--crf-memory-mb must be a number of MiB > 0")):
+                            (["--crf", "--crf-memory-mb", "0"], "--crf-memory-mb must be a finite number of MiB > 0"),
+                            (["--crf", "--crf-memory-mb", "inf"], "--crf-memory-mb must be a finite number")):
         assert main(["predict", str(images[0]), "--weights", str(tmp_path / "none.pth"), "--out", str(out),
                      *option]) == 2
         assert message in _error_line(capsys)
