@@ -26,12 +26,13 @@ __all__ = ["available_cores", "resolve_workers", "worker_threads", "default_work
 #: paper's grid, 2 cores): idle, one process of 2 threads gave 4.74 configuration x image pairs per second
 #: and two single-threaded processes 4.36 (8 % slower); busy, the threaded process fell far behind (crf-demo's
 #: search: 72.5 s in-process at a load average of 2.65, 19.3 s as two processes at 3.9; 0.78x against 1.72x
-#: pydensecrf at a load of 5-7; 0.32 against 0.66 pairs per second at a load of 9.6-14 from other jobs): a
-#: busy core stalls the other half of every op of the threaded process, while separate processes carry on.
+#: pydensecrf at a load of 5-7; threads against processes, pairs per second, under other jobs: 0.92 against
+#: 1.61 at a load average of 4.1-5.5, 0.35 against 0.98 at 7.7-8.0, 0.32 against 0.66 at 9.6-10.1): a busy
+#: core stalls the other half of every op of the threaded process, while separate processes carry on.
 #: The load average cannot pick between them in time (it lags by a minute and counts the run's own work),
 #: so the layout that is never much slower is the only one.
-LAYOUT_REASON = ("one single-threaded process per core (idle at most ~8 % slower than one process with every "
-                 "core's threads, busy 2-4x faster)")
+LAYOUT_REASON = ("one single-threaded process per core (idle ~8 % slower than one process with every core's "
+                 "threads, busy 1.7-3.7x faster)")
 
 
 def available_cores() -> int:
@@ -63,8 +64,8 @@ def default_workers(backend: str, device: str = "cpu", processes_per_machine: in
 
     pydensecrf (single-threaded C++): one process per core. torch on CUDA: 1 (this, the GPU-owning
     process). torch (or ``auto``) on CPU: one single-threaded process per core, whatever the load
-    (:data:`LAYOUT_REASON`; issue #21 item 9: the in-process layout with every core's threads was at most
-    8 % faster idle and up to 3.7x slower on a busy machine). Cores are :func:`available_cores` shared among
+    (:data:`LAYOUT_REASON`; issue #21 item 9: the in-process layout with every core's threads was 9 %
+    faster idle and 1.7-3.7x slower on a busy machine). Cores are :func:`available_cores` shared among
     ``processes_per_machine`` (torchrun's local ranks). The layout never changes a result: every layout
     computes the same labels.
 
