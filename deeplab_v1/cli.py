@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--crf-backend", help="auto (default: torch when it fits the memory budget, else pydensecrf), "
                    "torch or pydensecrf")
+    p.add_argument("--crf-memory-mb", type=float, help="the torch CRF's memory budget, MiB (auto takes pydensecrf for "
+                   "an image that does not fit; default: half the memory, at most 4096)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--size", type=int, help="test padding in pixels (default: the release's, 513 or 514)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -210,7 +212,7 @@ def _predict(args: argparse.Namespace) -> None:
     predict_images(args.images, args.weights, args.out, model=args.model, num_classes=args.num_classes,
                    use_crf=args.crf, params=args.params, device=args.device, crf_backend=args.crf_backend,
                    batch_size=args.batch_size, size=args.size, progress=not args.no_progress,
-                   log=lambda line: print(line, file=sys.stderr))
+                   crf_memory_mb=args.crf_memory_mb, log=lambda line: print(line, file=sys.stderr))
 
 
 def _compare(args: argparse.Namespace) -> None:
