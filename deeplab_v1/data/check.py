@@ -33,7 +33,7 @@ def _check_one(sample: Sample, num_classes: int) -> Optional[str]:
     try:
         image = read_image(sample.image)
         if sample.label is not None:
-            label = read_label(sample.label, num_classes)
+            label = read_label(sample.label, num_classes, sample.label_map)
             if label.shape != image.shape[:2]:
                 return (f"{sample.label}: label size {label.shape[0]}x{label.shape[1]} differs from its image "
                         f"{sample.image} ({image.shape[0]}x{image.shape[1]}, H x W)")

@@ -23,7 +23,7 @@ from ..atomic import atomic_file
 from ..errors import DeepLabError
 
 __all__ = ["DataError", "VOC_CLASSES", "IGNORE_LABEL", "voc_palette", "read_image", "read_label",
-           "write_label", "check_label_values"]
+           "write_label", "check_label_values", "label_lut"]
 
 #: The 21 PASCAL VOC 2012 segmentation classes, in label-index order (0 = background).
 VOC_CLASSES: tuple[str, ...] = (
@@ -101,7 +101,29 @@ def check_label_values(label: np.ndarray, num_classes: int, where: str | os.Path
         )
 
 
-def read_label(path: str | os.PathLike, num_classes: int = 21) -> np.ndarray:
+def label_lut(label_map: str | None) -> np.ndarray | None:
+    """The (256,) uint8 lookup table of a ``Sample.label_map``: None for None; ``cityscapes``: labelIds to
+    the 19 trainIds, every other id 255 (``layouts.CITYSCAPES_TRAIN_IDS``); ``ignore:<n>``: n to 255.
+
+    Raises:
+        DataError: an unknown name.
+    """
+    if label_map is None:
+        return None
+    lut = np.arange(256, dtype=np.uint8)
+    if label_map == "cityscapes":
+        from .layouts import CITYSCAPES_TRAIN_IDS
+
+        lut[:] = IGNORE_LABEL
+        lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
+    elif label_map.startswith("ignore:") and label_map[7:].isdigit() and int(label_map[7:]) <= 255:
+        lut[int(label_map[7:])] = IGNORE_LABEL
+    else:
+        raise DataError(f"unknown label map {label_map!r} (cityscapes or ignore:<0..255>)")
+    return lut
+
+
+def read_label(path: str | os.PathLike, num_classes: int = 21, label_map: str | None = None) -> np.ndarray:
     """Read a label map of class indices.
 
     Accepts palette (mode ``P``, VOC ``SegmentationClass``) and 8-bit grayscale (mode ``L``,
@@ -111,6 +133,7 @@ def read_label(path: str | os.PathLike, num_classes: int = 21) -> np.ndarray:
     Args:
         path: the PNG file.
         num_classes: valid labels are 0..num_classes-1 and 255 (void).
+        label_map: the values' mapping to class indices (``label_lut``), applied before the check.
 
     Returns:
         (H, W) uint8 class indices.
@@ -137,6 +160,8 @@ def read_label(path: str | os.PathLike, num_classes: int = 21) -> np.ndarray:
         raise DataError(f"{path}: not a readable label image ({exc})") from exc
     if label.ndim != 2 or label.size == 0:
         raise DataError(f"{path}: label image has shape {label.shape}, expected (H, W)")
+    if label_map is not None:
+        label = label_lut(label_map)[label]
     check_label_values(label, num_classes, path)
     return label
 

@@ -37,7 +37,7 @@ def run(ctx: RunContext) -> dict:
     conf = {k: ConfusionAccumulator(n) for k in methods}
     tri = {k: TrimapAccumulator(widths, n) for k in methods}
     for s in tqdm(samples, desc="evaluate", disable=not ctx.progress, dynamic_ncols=True):
-        gt = read_label(s.label, n)
+        gt = read_label(s.label, n, s.label_map)
         for k, folder in methods.items():
             p = folder / f"{s.id}.png"
             if not p.is_file():

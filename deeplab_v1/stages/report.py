@@ -232,7 +232,7 @@ def qualitative_rows(ctx: RunContext, per_end: int = QUALITATIVE_ROWS, band: int
     n = ctx.cfg.model.num_classes
     measured = []
     for s in samples:
-        gt = read_label(s.label, n)
+        gt = read_label(s.label, n, s.label_map)
         dcnn = read_label(ctx.layout.prediction("dcnn", s.id), n)
         crf_path = ctx.layout.prediction("crf", s.id)
         crf = read_label(crf_path, n) if crf_path.is_file() else None

@@ -101,7 +101,7 @@ def run(ctx: RunContext) -> dict:
 
             ctx.log.info("score source: DIAGNOSTIC degraded ground truth (no network is run)")
             for s in todo:
-                label = read_label(s.label, ctx.cfg.model.num_classes)
+                label = read_label(s.label, ctx.cfg.model.num_classes, s.label_map)
                 sc = degraded_scores(label, ctx.cfg.model.num_classes, seed=ctx.cfg.seed)
                 sm = ScoreMap(sc, 8, label.shape[0], label.shape[1], source="degraded-gt")
                 writer.submit(write_outputs, sm, layout.score_cache(s.id), layout.prediction("dcnn", s.id))
