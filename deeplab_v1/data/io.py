@@ -23,13 +23,20 @@ from ..atomic import atomic_file
 from ..errors import DeepLabError
 
 __all__ = ["DataError", "VOC_CLASSES", "IGNORE_LABEL", "voc_palette", "read_image", "read_label",
-           "write_label", "check_label_values", "label_lut"]
+           "write_label", "check_label_values", "label_lut", "CITYSCAPES_TRAIN_IDS"]
 
 #: The 21 PASCAL VOC 2012 segmentation classes, in label-index order (0 = background).
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
+
+#: Cityscapes labelId -> trainId of its 19 evaluation classes (cityscapesScripts ``labels.py``); the ids
+#: not listed are ignored (read as 255).
+CITYSCAPES_TRAIN_IDS: dict[int, int] = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
+    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
 
 #: The label value ignored by the loss and the evaluation (VOC "void"; Caffe ``ignore_label: 255``).
 IGNORE_LABEL = 255
@@ -103,7 +110,7 @@ def check_label_values(label: np.ndarray, num_classes: int, where: str | os.Path
 
 def label_lut(label_map: str | None) -> np.ndarray | None:
     """The (256,) uint8 lookup table of a ``Sample.label_map``: None for None; ``cityscapes``: labelIds to
-    the 19 trainIds, every other id 255 (``layouts.CITYSCAPES_TRAIN_IDS``); ``ignore:<n>``: n to 255.
+    the 19 trainIds, every other id 255 (``CITYSCAPES_TRAIN_IDS``); ``ignore:<n>``: n to 255.
 
     Raises:
         DataError: an unknown name.
@@ -112,8 +119,6 @@ def label_lut(label_map: str | None) -> np.ndarray | None:
         return None
     lut = np.arange(256, dtype=np.uint8)
     if label_map == "cityscapes":
-        from .layouts import CITYSCAPES_TRAIN_IDS
-
         lut[:] = IGNORE_LABEL
         lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
     elif label_map.startswith("ignore:") and label_map[7:].isdigit() and int(label_map[7:]) <= 255:

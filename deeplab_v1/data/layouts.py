@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .io import IGNORE_LABEL, VOC_CLASSES, DataError, voc_palette
+from .io import CITYSCAPES_TRAIN_IDS, IGNORE_LABEL, VOC_CLASSES, DataError, voc_palette
 from .lists import Sample, load_samples
 
 __all__ = ["CITYSCAPES_CLASSES", "CITYSCAPES_COLOURS", "CITYSCAPES_TRAIN_IDS", "IMAGE_SUFFIXES", "data_problem",
@@ -35,11 +35,6 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
-#: labelId -> trainId of the 19 classes (cityscapesScripts ``labels.py``); ids not listed are ignored.
-CITYSCAPES_TRAIN_IDS: dict[int, int] = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
-    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}
 #: The classes' colours in cityscapesScripts (RGB), in trainId order.
 CITYSCAPES_COLOURS: tuple[tuple[int, int, int], ...] = (
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
