@@ -22,9 +22,11 @@ from .weights.checkpoint import file_sha256
 _DATA_KEYS = ("data.layout", "data.images", "data.labels", "data.ignore_index")
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("seed", "model", "data.root", "data.train_list", "data.max_train_images", *_DATA_KEYS, "train", "tf32"),
-    "test": ("seed", "model", "data.root", "data.test_list", "data.max_test_images", *_DATA_KEYS, "test", "tf32"),
+    "test": ("seed", "model", "data.root", "data.test_list", "data.max_test_images", *_DATA_KEYS, "data.palette",
+             "test", "tf32"),
     "crf_search": ("crf_search", "model.num_classes", "data.trimap_band"),
-    "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.backend", "crf.device", "crf.memory_mb"),
+    "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.backend", "crf.device", "crf.memory_mb",
+            "data.palette"),
     "evaluate": ("evaluation", "crf.enabled", "model.num_classes", "data.trimap_band", "data.class_names",
                  "data.palette"),
 }

@@ -103,7 +103,10 @@ def test_a_folder_dataset_without_void_runs_every_stage_with_its_class_names(sha
     assert best["objective_name"] == "trimap_miou(width=3)" and best["objective"] is not None
     sample = np.load(next((run / "crf_search" / "samples").glob("*.npz")))
     assert np.array_equal(sample["band"], trimap_band(sample["label"], 3, band="boundary")) and sample["band"].any()
-    assert (run / "figures" / "qualitative.png").is_file() and (run / "predictions" / "crf" / "field_07.png").is_file()
+    assert (run / "figures" / "qualitative.png").is_file()
+    for method in ("dcnn", "crf"):  # the predictions in the dataset's colours (data.palette)
+        with Image.open(run / "predictions" / method / "field_07.png") as png:
+            assert png.getpalette()[:15] == [v for c in COLOURS for v in c]
 
     # python -m crf evaluate --band boundary on the run's predictions: the same band, the same numbers
     out = folder / "crf-evaluate"

@@ -171,8 +171,8 @@ def read_label(path: str | os.PathLike, num_classes: int = 21, label_map: str | 
     return label
 
 
-def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
-    """Write a label map as a VOC-palette PNG (the format of ``SegmentationClass``), atomically.
+def write_label(path: str | os.PathLike, label: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write a label map as a palette PNG (the format of ``SegmentationClass``), atomically.
 
     The file is written to a temporary name in the same folder and moved into place with ``os.replace``,
     so an interrupted run never leaves a truncated PNG. Missing parent folders are created.
@@ -180,6 +180,7 @@ def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
     Args:
         path: destination ``.png``.
         label: (H, W) integer class indices in 0..255.
+        palette: (256, 3) uint8 RGB colours of the values (``layouts.palette``); None: the VOC colour map.
 
     Raises:
         ValueError: ``label`` is not 2-D or has values outside 0..255.
@@ -192,14 +193,14 @@ def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
         if label.size and (label.min() < 0 or label.max() > 255):
             raise ValueError(f"{path}: label values must be within 0..255, got {label.min()}..{label.max()}")
         label = label.astype(np.uint8)
-    image = _palette_image(label)
+    image = _palette_image(label, palette)
     with atomic_file(path) as f:
         image.save(f, format="PNG")
 
 
-def _palette_image(label: np.ndarray) -> Image.Image:
-    """A mode ``P`` PIL image whose pixel values are ``label`` (uint8) with the VOC palette attached."""
+def _palette_image(label: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
+    """A mode ``P`` PIL image whose pixel values are ``label`` (uint8) with ``palette`` (default VOC's)."""
     label = np.ascontiguousarray(label, dtype=np.uint8)
     image = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
-    image.putpalette(voc_palette().reshape(-1).tolist())
+    image.putpalette((voc_palette() if palette is None else np.asarray(palette, np.uint8)).reshape(-1).tolist())
     return image

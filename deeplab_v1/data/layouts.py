@@ -28,7 +28,7 @@ from .lists import Sample, load_samples
 
 __all__ = ["CITYSCAPES_CLASSES", "CITYSCAPES_COLOURS", "CITYSCAPES_TRAIN_IDS", "IMAGE_SUFFIXES", "data_problem",
            "resolve_lists", "dataset_samples", "folder_samples", "cityscapes_samples", "class_names", "palette",
-           "label_map_of"]
+           "label_map_of", "png_palette"]
 
 #: The 19 Cityscapes evaluation classes, in trainId order.
 CITYSCAPES_CLASSES: tuple[str, ...] = (
@@ -220,3 +220,9 @@ def palette(data: Any = None) -> np.ndarray:
     if colours:
         out[: len(colours)] = np.asarray(colours, dtype=np.uint8)
     return out
+
+
+def png_palette(data: Any) -> Optional[np.ndarray]:
+    """The colours of the label PNGs a run writes: ``palette(data)`` when the dataset has its own colours
+    (``data.palette``, Cityscapes), else None (``io.write_label``'s VOC colour map)."""
+    return palette(data) if data.palette or data.layout == "cityscapes" else None
