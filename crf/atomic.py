@@ -5,14 +5,16 @@ can trust every file it finds.
 
 It lives on the lowest floor (``crf`` never imports ``deeplab_v1``); ``deeplab_v1.atomic`` re-exports it.
 Every file gets the usual permissions, ``0o666 & ~umask`` (as ``open(path, "w")`` would give), not the
-``0o600`` of ``tempfile.mkstemp``.
+``0o600`` of ``tempfile.mkstemp``: the temporary file is created with mode ``0o666`` and the kernel applies the
+umask (and a folder's default ACL). The process umask is never changed, so writer threads may call this
+concurrently (issue #20: setting it to 0 and back on every call raced between threads and left it at 0).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -20,11 +22,54 @@ from typing import Any, BinaryIO, Iterator
 __all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "file_mode"]
 
 
+def _proc_umask() -> int | None:
+    """The umask from Linux's ``/proc/self/status`` (``Umask:``, kernel >= 4.7), or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    mask = _proc_umask()
+    if mask is None:  # no /proc: imports run before any writer thread starts; the one change, undone at once
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _umask_at_import()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it: from ``/proc/self/status`` on Linux, elsewhere the one
+    found at import (this module never changes the umask after that, so concurrent writers cannot race on
+    it; issue #20)."""
+    mask = _proc_umask()
+    return _IMPORT_UMASK if mask is None else mask
+
+
 def file_mode() -> int:
-    """The mode a newly created file gets under the current umask: ``0o666 & ~umask``."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    """The mode a newly created file gets under the current umask: ``0o666 & ~umask`` (:func:`current_umask`,
+    which never changes the umask)."""
+    return 0o666 & ~current_umask()
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new temporary file ``.<name>.<random>.tmp`` beside ``path``, opened for writing: mode ``0o666``
+    less the umask, applied by the kernel (as ``open(path, "w")``)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary file name for {path.name}")  # pragma: no cover
 
 
 @contextmanager
@@ -33,17 +78,17 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
     The data goes to a temporary file beside ``path`` (missing folders are created), is flushed to disk and
     renamed over ``path`` with ``os.replace``; on an exception the temporary file is removed and ``path``
-    keeps its old content. The file gets the usual permissions (:func:`file_mode`: 0666 less the umask).
+    keeps its old content. The file gets the usual permissions (:func:`file_mode`: 0666 less the umask); the
+    umask is never changed, so threads may write concurrently.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

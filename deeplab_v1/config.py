@@ -201,7 +201,7 @@ class CRFSearchConfig:
     ``w2``, ``sigma_gamma``, ``iterations``, ``rounds``, ``shrink``, ``objective`` (``miou`` or
     ``trimap_miou``), ``trimap_width``, ``backend`` (``auto``, ``torch``, ``pydensecrf``), ``device``,
     ``workers``, ``memory_mb``, ``strategy`` (``grid``, the paper's, or ``halving``: successive halving),
-    ``eta``, ``min_images``, ``halving_seed``), checked by it and kept as ``search``: the one definition
+    ``eta``, ``min_images``, ``halving_seed``, ``halving_floor``), checked by it and kept as ``search``: the one definition
     of the search's configuration.
     """
 

@@ -6,6 +6,14 @@ content of the files those keys name (``model.init``, list files: size and sha25
 fingerprints of the stages whose artifacts it reads (``UPSTREAM``). On a rerun the runner compares it with
 the record: a stage whose fingerprint changed is redone, and so, through (c), is every stage after it;
 the log names the keys that changed. Nothing is reused silently.
+
+What can change a result without being a plain config key is stamped too (issue #20): the top-level
+``device`` of the stages that run the network (CPU scores are not reused on CUDA; ``precision`` and ``tf32``
+are keys of theirs already), the labels of a test stage whose scores are made from them
+(``test.score_source: degraded-gt``), and, under ``backend: auto``, the CRF backend that will run
+(:func:`crf_backend_stamp`, :func:`search_backend_stamp`: resolved as the stages do, from the images' sizes
+and the memory budget, so a ``memory_mb`` or a machine that switches torch <-> pydensecrf redoes the stage,
+while a budget that changes nothing redoes nothing).
 """
 
 from __future__ import annotations
@@ -13,17 +21,24 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
+from crf.parallel import run_backend
+from PIL import Image
+
+from .config import ExperimentConfig, to_dict
+from .data.lists import Sample
+from .stages.crf_search import choose_subset
 from .weights.checkpoint import file_sha256
 
-#: Dotted config keys (a key covers its whole section) each stage's result depends on.
 #: The dataset's keys that change what is read (the layout, the folders, the label mapping).
 _DATA_KEYS = ("data.layout", "data.images", "data.labels", "data.ignore_index")
+#: Dotted config keys (a key covers its whole section) each stage's result depends on.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("seed", "model", "data.root", "data.train_list", "data.max_train_images", *_DATA_KEYS, "train", "tf32"),
+    "train": ("seed", "model", "data.root", "data.train_list", "data.max_train_images", *_DATA_KEYS, "train", "tf32",
+              "device"),
     "test": ("seed", "model", "data.root", "data.test_list", "data.max_test_images", *_DATA_KEYS, "data.palette",
-             "test", "tf32"),
+             "test", "tf32", "device"),
     "crf_search": ("crf_search", "model.num_classes", "data.trimap_band"),
     "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.backend", "crf.device", "crf.memory_mb",
             "data.palette"),
@@ -37,7 +52,8 @@ LATER_DEFAULTS: dict[str, Any] = {"data.layout": "voc", "data.images": None, "da
                                   "data.ignore_index": 255, "data.trimap_band": "void", "data.class_names": None,
                                   "data.palette": None}
 
-#: Keys inside those sections that change how the work is done, never its result.
+#: Keys inside those sections that change how the work is done, never its result (``*.memory_mb``: the
+#: backend it picks under ``auto`` is stamped instead, ``crf_backend_stamp``).
 NEUTRAL_KEYS: frozenset[str] = frozenset({
     "train.checkpoint_every", "train.log_every", "train.num_workers", "train.tensorboard",
     "test.num_workers", "test.batch_size", "crf_search.workers", "crf_search.memory_mb", "crf.workers", "crf.memory_mb",
@@ -66,6 +82,7 @@ STAGE_DATA: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
 FILE_KEYS: tuple[str, ...] = ("model.init", "data.train_list", "data.test_list")
 
 _file_cache: dict[tuple[str, int, int], str] = {}
+_size_cache: dict[tuple[str, int, int], tuple[int, int]] = {}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -86,6 +103,14 @@ def _file_digest(value: Any) -> Optional[str]:
     if key not in _file_cache:
         _file_cache[key] = f"{st.st_size}:{file_sha256(Path(value))}"
     return _file_cache[key]
+
+
+def stage_data(stage: str, config: dict) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The data files ``stage`` reads (:data:`STAGE_DATA`), and the test labels for a test stage that
+    makes its scores from them (``test.score_source`` other than ``network``, issue #20)."""
+    if stage == "test" and config.get("test", {}).get("score_source", "network") != "network":
+        return (("test", ("image", "label")),)
+    return STAGE_DATA[stage]
 
 
 def stage_inputs(stage: str, config: dict) -> dict[str, Any]:
@@ -116,6 +141,58 @@ def data_stamp(paths: Iterable[Optional[Path]]) -> str:
         st = Path(p).stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def image_shapes(paths: Iterable[Path], channels: int) -> list[tuple[int, int, int]]:
+    """(channels, H, W) of each image, from its header (cached by path, size and mtime): the shapes of the
+    probabilities a CRF stage will run on (scores upsampled to the image size).
+
+    Raises:
+        OSError: a file that cannot be opened (the data check names it first).
+    """
+    shapes = []
+    for p in paths:
+        st = Path(p).stat()
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        if key not in _size_cache:
+            with Image.open(p) as im:
+                _size_cache[key] = (im.height, im.width)
+        shapes.append((channels, *_size_cache[key]))
+    return shapes
+
+
+def crf_backend_stamp(backend: str, device: str, memory_mb: Optional[float],
+                      shapes: Sequence[Sequence[int]]) -> str:
+    """The backend the crf stage will run: ``crf.parallel.run_backend`` of the configuration and the images'
+    (C, H, W) shapes, the very call the stage makes (``auto`` resolved once for every image, within
+    ``memory_mb`` or the fixed default budget). An explicit backend is itself."""
+    return run_backend(backend, device, shapes, memory_mb=memory_mb).backend
+
+
+def search_backend_stamp(search: dict, shapes: Sequence[Sequence[int]]) -> str:
+    """The backend the CRF search will run: ``crf.parallel.run_backend`` as ``crf.search.plan.make_plan``
+    calls it (the search images' shapes, ``memory_mb``, ``len(w1)`` configurations per call). ``search``: the
+    ``crf_search`` section of ``config.to_dict``."""
+    return run_backend(search.get("backend", "auto"), search.get("device", "cpu"), shapes,
+                       memory_mb=search.get("memory_mb"), configs=len(search.get("w1") or [1])).backend
+
+
+def backend_inputs(stage: str, cfg: ExperimentConfig, test_samples: Sequence[Sample]) -> dict[str, str]:
+    """Under ``backend: auto``, the CRF backend ``stage`` will run, for its fingerprint
+    (``crf.backend#resolved``, ``crf_search.backend#resolved``): torch and pydensecrf differ in the last
+    bits (issue #20). ``test_samples``: the run's test list. Other stages and explicit backends: {}."""
+    n = cfg.model.num_classes
+    if stage == "crf" and cfg.crf.enabled and cfg.crf.backend == "auto":
+        c = cfg.crf
+        shapes = image_shapes([x.image for x in test_samples], n)
+        return {"crf.backend#resolved": crf_backend_stamp(c.backend, c.device, c.memory_mb, shapes)}
+    search = to_dict(cfg)["crf_search"]
+    if stage == "crf_search" and search["enabled"] and search["backend"] == "auto":
+        samples = {x.id: x for x in test_samples}
+        ids = choose_subset(list(samples), cfg.crf_search.num_images, cfg.crf_search.seed)
+        return {"crf_search.backend#resolved": search_backend_stamp(search,
+                                                                    image_shapes([samples[i].image for i in ids], n))}
+    return {}
 
 
 def fingerprint(inputs: dict[str, Any], upstream: dict[str, Optional[str]]) -> str:

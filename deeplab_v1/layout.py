@@ -4,7 +4,7 @@ Layout of ``<output_dir>`` (stage that writes -> stages that read)::
 
     config.yaml              resolved configuration              runner -> (user)
     run.log                  the log                             every stage
-    .lock                    the writer's pid                    runner
+    .lock                    the writer's host and pid (flock) runner
     .data_check.json         images/labels found good (size:mtime) runner
     stages/<stage>.json      completion records (+ fingerprint)  runner -> runner, report
     stages/<stage>.started.json the fingerprint of a stage under way runner
@@ -39,13 +39,14 @@ from crf import CRFParams
 from .atomic import atomic_write_json
 from .config import STAGES
 
-#: What each stage writes (relative folders), cleared when the stage is redone.
+#: What each stage writes (relative folders and files), cleared when the stage is redone (evaluate's too,
+#: so that a redone or failed evaluation never leaves the numbers of an earlier one: issue #20).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": ("checkpoints", "tensorboard"),
     "test": ("scores", "predictions/dcnn"),
     "crf_search": ("crf_search",),
     "crf": ("predictions/crf",),
-    "evaluate": (),
+    "evaluate": ("metrics.json", "trimap.json", "trimap.png", "report.md", "figures"),
 }
 
 
@@ -71,7 +72,7 @@ class RunLayout:
 
     @property
     def lock(self) -> Path:
-        """``.lock``: the pid of the process writing the run folder."""
+        """``.lock``: held (flock) by the process writing the run folder; names its host and pid."""
         return self.root / ".lock"
 
     @property
@@ -167,10 +168,26 @@ class RunLayout:
     def clear(self, stage: str) -> None:
         """Forget a stage: its record and everything it wrote (``STAGE_OUTPUTS``)."""
         self.record(stage).unlink(missing_ok=True)
+        self.clear_outputs(stage)
+
+    def clear_outputs(self, stage: str) -> None:
+        """Remove everything ``stage`` writes (``STAGE_OUTPUTS``: folders and files), not its record."""
         for rel in STAGE_OUTPUTS[stage]:
             p = self.root / rel
             if p.is_dir():
                 shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+    def missing_outputs(self, stage: str, ids: list[str]) -> list[Path]:
+        """The per-image outputs of a finished ``stage`` that are gone (``test``: score caches and DCNN
+        predictions; ``crf``: CRF predictions, unless its record says it was skipped), for the image ``ids``.
+        Other stages: []."""
+        if stage == "test":
+            return [p for i in ids for p in (self.score_cache(i), self.prediction("dcnn", i)) if not p.is_file()]
+        if stage == "crf" and not (self.read_record("crf") or {}).get("skipped"):
+            return [p for i in ids if not (p := self.prediction("crf", i)).is_file()]
+        return []
 
     # ------------------------------------------------------------------------------------- best.json
     def read_best(self) -> Optional[dict]:

@@ -8,16 +8,16 @@ skipped, so a rerun resumes; a stage whose fingerprint changed is redone, and th
 keys. ``redo`` reruns named stages and the stages after them (``redo_only`` the named stages alone),
 finished or not. Within a stage, finished per-image files are kept, so a killed test or CRF stage
 continues where it stopped; a stage started under another fingerprint (``stages/<stage>.started.json``)
-starts from scratch. One run folder has one writer at a time (``.lock`` holds its pid; the lock of a dead
-process is taken over). Under torchrun (``deeplab_v1.distributed``) rank 0 holds the lock, checks the
-data, plans each stage and writes its record; every rank runs the ``DISTRIBUTED_STAGES``, with a
-barrier after each.
+starts from scratch. One run folder has one writer at a time (``deeplab_v1.run_lock``: ``.lock``, held with
+``flock``, names its host and pid; the lock of a dead process is taken over by exactly one of its
+contenders). Under torchrun (``deeplab_v1.distributed``) rank 0 holds the lock, every rank checks its
+share of the data, rank 0 plans each stage and writes its record; every rank runs the
+``DISTRIBUTED_STAGES``, with a barrier after each.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -31,54 +31,30 @@ from .config import ExperimentConfig
 from .context import RunContext, StageError
 from .data.check import check_samples, check_void_band
 from .data.lists import Sample
-from .distributed import DISTRIBUTED_STAGES, barrier, on_main
-from .fingerprints import STAGE_DATA, UPSTREAM, changed_keys, data_stamp, fingerprint, stage_inputs
+from .distributed import DISTRIBUTED_STAGES, RankError, barrier, on_main
+from .fingerprints import UPSTREAM, backend_inputs, changed_keys, data_stamp, fingerprint, stage_data, stage_inputs
 from .layout import STAGES
+from .run_lock import run_lock
 from .stages import STAGE_RUNNERS
 
 __all__ = ["Runner", "StageError", "run_lock"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def run_lock(lock: Path) -> Iterator[None]:
-    """Hold the lock file ``lock`` (the holder's pid) while the block runs (``RunLayout.lock``).
+def _gather_objects(obj: object) -> list:
+    """Every rank's picklable ``obj``, in rank order (``torch.distributed.all_gather_object``).
 
     Raises:
-        StageError: another live process holds it (names its pid and the folder).
+        RankError: another rank died.
     """
-    lock = Path(lock)
-    folder = lock.parent
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise StageError(f"{folder}: the run folder is in use by process {pid} (its lock {lock}); wait for "
-                                 "it, or choose another output_dir") from None
-            lock.unlink(missing_ok=True)  # a stale lock of a dead process: take it over
-    else:  # pragma: no cover - a racing writer took it between our unlink and open
-        raise StageError(f"{folder}: could not take the run folder's lock {lock}")
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size()
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
+        dist.all_gather_object(parts, obj)
+    except RuntimeError as exc:
+        raise RankError(f"another rank stopped (its error comes first in the output): "
+                        f"{(str(exc).splitlines() or [''])[0]}") from exc
+    return parts
 
 
 class Runner:
@@ -111,7 +87,9 @@ class Runner:
     def check_inputs(self) -> None:
         """Before any long work: the data lists (every file present), then every image decodable and every
         label readable, of its image's size, with values in 0..num_classes-1 or 255
-        (``data.check.check_samples``, remembered in ``.data_check.json`` by file size and mtime).
+        (``data.check.check_samples``, remembered in ``.data_check.json`` by file size and mtime). Under
+        torchrun every rank checks its share and the verdicts are gathered: no rank waits in a collective
+        while another checks a whole list (issue #20).
 
         Raises:
             DataError: every problem found, each naming the file.
@@ -121,8 +99,9 @@ class Runner:
             samples += self.ctx.train_samples()
         if any(s in self.cfg.stages for s in ("test", "crf", "evaluate", "crf_search")):
             samples += self.ctx.test_samples()
+        info = self.ctx.dist
         check_samples(samples, self.cfg.model.num_classes, cache=self.layout.data_check,
-                      progress=self.ctx.progress)
+                      progress=self.ctx.progress, rank=info.rank, world=info.world, gather=_gather_objects)
         s = self.cfg.crf_search
         search = "crf_search" in self.cfg.stages and s.enabled and s.search.objective == "trimap_miou"
         if self.cfg.data.trimap_band == "void" and ("evaluate" in self.cfg.stages or search):
@@ -131,13 +110,15 @@ class Runner:
     def fingerprint(self, stage: str) -> tuple[str, dict]:
         """(fingerprint, inputs) of ``stage`` now: its config keys and files, and the fingerprints recorded
         by the stages it reads from."""
-        inputs = stage_inputs(stage, config_mod.to_dict(self.cfg))
-        for split, fields in STAGE_DATA[stage]:  # the data files it reads: size and mtime
+        config = config_mod.to_dict(self.cfg)
+        inputs = stage_inputs(stage, config)
+        for split, fields in stage_data(stage, config):  # the data files it reads: size and mtime
             if split == "train" and self.cfg.train.iterations == 0:
                 continue  # no training: the list is not read
             samples = self.ctx.train_samples() if split == "train" else self.ctx.test_samples()
             for f in fields:
                 inputs[f"data.{split}_{f}s#files"] = data_stamp(getattr(x, f) for x in samples)
+        inputs.update(backend_inputs(stage, self.cfg, self.ctx.test_samples()))
         upstream = {u: (self.layout.read_record(u) or {}).get("fingerprint") for u in UPSTREAM[stage]}
         return fingerprint(inputs, upstream), inputs
 
@@ -152,8 +133,8 @@ class Runner:
         for s in stages:
             if s not in STAGES:
                 raise StageError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
-        on_main(self.check_inputs)  # rank 0 checks (and writes .data_check.json); its error stops every rank
         with self._lock():
+            self.check_inputs()  # every rank its share; every rank raises what any rank found
             return self._run(stages)
 
     @contextmanager
@@ -180,14 +161,31 @@ class Runner:
             self.layout.clear(s)
             self.layout.started(s).unlink(missing_ok=True)
 
+    def _gone_outputs(self, stage: str, rec: Optional[dict], fp: str) -> list:
+        """The per-image outputs of ``stage``, finished under ``fp``, that have been deleted since
+        (``RunLayout.missing_outputs``): they are rebuilt rather than silently left out (issue #20)."""
+        if rec is None or rec.get("fingerprint") != fp:
+            return []
+        return self.layout.missing_outputs(stage, [s.id for s in self.ctx.test_samples()])
+
     def _begin(self, stage: str) -> Optional[tuple[str, dict]]:
         """(fingerprint, inputs) of a stage to run, its stale outputs cleared; None when it is done."""
         fp, inputs = self.fingerprint(stage)
         rec = self.layout.read_record(stage)
-        if rec is not None and rec.get("fingerprint") == fp:
+        gone = self._gone_outputs(stage, rec, fp)
+        stale = rec is not None and stage in self._stale
+        if rec is not None and rec.get("fingerprint") == fp and not gone and not stale:
             self.log.info(f"stage {stage}: done already (skipped; --redo {stage} to rerun)")
             return None
-        if rec is not None and "fingerprint" not in rec:
+        if stale:
+            self.log.info(f"stage {stage}: a stage before it rebuilt outputs it reads: redoing it")
+            self.layout.clear(stage)
+        elif gone:  # the outputs still there were made under these inputs: the stage rebuilds the rest
+            self.log.info(f"stage {stage}: finished, but {len(gone)} of its outputs are gone (e.g. {gone[0]}): "
+                          "rebuilding them")
+            self._stale.update(STAGES[STAGES.index(stage) + 1:])  # they read what is rebuilt now
+            self.layout.record(stage).unlink()
+        elif rec is not None and "fingerprint" not in rec:
             self.log.info(f"stage {stage}: its record has no fingerprint (a run folder of an older version): "
                           "redoing it")
             self.layout.clear(stage)
@@ -213,6 +211,7 @@ class Runner:
         on_main(self._clear_for_redo)
         t_all = time.perf_counter()
         self._wrote_config = False
+        self._stale: set[str] = set()
         for stage in STAGES:
             if stage not in stages:
                 continue

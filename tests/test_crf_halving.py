@@ -8,10 +8,8 @@ import math
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-from PIL import Image
 
 from crf.confusion import miou
 from crf.input_files import write_search_input
@@ -19,8 +17,7 @@ from crf.search import SearchConfig, run_search
 from crf.search.evaluate import image_order
 from deeplab_v1.data.degraded import degraded_probs
 from search_helpers import Bowl
-
-NUM_CLASSES = 21
+from voc_search_files import voc_search_files
 
 
 def test_schedule_grows_by_eta_and_ends_on_every_image():
@@ -28,9 +25,11 @@ def test_schedule_grows_by_eta_and_ends_on_every_image():
     assert SearchConfig(strategy="halving", eta=2, min_images=10).halving_schedule(100) == [10, 20, 40, 80, 100]
     assert SearchConfig(strategy="halving", min_images=200).halving_schedule(100) == [100]
     assert SearchConfig().halving_schedule(100) == [100]  # the grid: one rung
+    assert SearchConfig(strategy="halving", halving_floor=1).halving_schedule(12) == [2, 6, 12]  # no floor
     for bad, match in (({"strategy": "random"}, "strategy must be one of"), ({"eta": 1}, "eta must be an integer >= 2"),
                        ({"min_images": 0}, "min_images must be None or an integer >= 1"),
-                       ({"memory_mb": -5}, "memory_mb must be None or a number > 0")):
+                       ({"memory_mb": -5}, "memory_mb must be None or a number > 0"),
+                       ({"halving_floor": 0}, "halving_floor must be an integer >= 1")):
         with pytest.raises(ValueError, match=match):
             SearchConfig(**bad)
 
@@ -49,8 +48,8 @@ def test_halving_on_a_known_objective_counts_its_runs_and_keeps_the_grid_best(tm
     grid = run_search(files, tmp_path / "grid", SearchConfig(objective=Bowl((7.4, 74.0, 6.4)), rounds=1),
                       progress=False)
     bowl = Bowl((7.4, 74.0, 6.4))
-    half = run_search(files, tmp_path / "half", SearchConfig(objective=bowl, rounds=1, strategy="halving"),
-                      progress=False)
+    half = run_search(files, tmp_path / "half", SearchConfig(objective=bowl, rounds=1, strategy="halving",
+                                                             halving_floor=1), progress=False)
     assert half.best == grid.best
     # coarse: 96 x 3 images (48 sigma pairs), the best 16 pairs (32 configurations) on 6 more, the best 6
     # pairs on 18 more; refinement around (5, 70, 6): 26 in 9 pairs x 3, the best 3 pairs (9) x 6, 1 pair x 18
@@ -59,7 +58,8 @@ def test_halving_on_a_known_objective_counts_its_runs_and_keeps_the_grid_best(tm
     assert half.crf_runs_total <= 0.4 * grid.crf_runs_total
     best = json.loads((tmp_path / "half" / "best.json").read_text())
     assert best["strategy"] == "halving" and best["crf_runs"] == half.crf_runs_total
-    assert best["crf_runs_grid"] == (96 + 26) * 27 and best["rungs"] == [3, 9, 27]
+    assert best["crf_runs_grid"] == (96 + 26) * 27 and best["rungs"] == [3, 9, 27] and best["halving_floor"] == 1
+    assert best["halving_note"] == "first rung 3 images (ceil(27 / eta**2)), not below halving_floor 1"
     assert best["images_scored"] == {"27": 12 + 3, "9": 32 - 12 + 9 - 3, "3": 96 - 32 + 26 - 9}
     # the finalists (scored on every image) rank first; every line says on how many images it was scored
     assert [r["images"] for r in half.rows[:15]] == [27] * 15 and half.rows[15]["images"] == 9
@@ -102,8 +102,9 @@ def small_files(tmp_path_factory):
     return files
 
 
+# halving_floor 1: the mechanics on 9 images (below the default floor halving would be the grid)
 SMALL = dict(w1=[3.0, 10.0], sigma_alpha=[10.0, 30.0], sigma_beta=[3.0, 8.0, 13.0], rounds=0,
-             strategy="halving", backend="pydensecrf", min_images=1)
+             strategy="halving", backend="pydensecrf", min_images=1, halving_floor=1)
 
 
 def _lines(out: Path) -> dict:
@@ -185,20 +186,7 @@ def test_the_grid_completes_a_halving_search_from_its_records(small_files, halvi
 def voc_files(shared_voc, tmp_path_factory):
     """Search input files of nine VOC val images at a quarter of their size, DIAGNOSTIC degraded-GT
     probabilities (float16)."""
-    folder = tmp_path_factory.mktemp("halving_voc")
-    ids = (shared_voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[10:19]
-    files = []
-    for i in ids:
-        image = np.array(Image.open(shared_voc / "JPEGImages" / f"{i}.jpg").convert("RGB"))
-        label = np.array(Image.open(shared_voc / "SegmentationClass" / f"{i}.png"))
-        size = (image.shape[1] // 4, image.shape[0] // 4)
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
-        probs = degraded_probs(label, NUM_CLASSES, stride=16, blur_sigma=4.0, temperature=3.0)
-        f = folder / f"{i}.npz"
-        write_search_input(f, image, probs.astype(np.float16), label)
-        files.append(f)
-    return files
+    return voc_search_files(shared_voc, slice(10, 19), tmp_path_factory.mktemp("halving_voc"), 0.25, math.floor)
 
 
 def test_halving_finds_the_grids_best_on_voc_with_at_most_40_percent_of_the_runs(voc_files, tmp_path):
@@ -209,7 +197,8 @@ def test_halving_finds_the_grids_best_on_voc_with_at_most_40_percent_of_the_runs
     grid = run_search(voc_files, tmp_path / "grid", SearchConfig(**space), progress=False)
     scores = {(r["w1"], r["sigma_alpha"], r["sigma_beta"]): r["miou"] for r in grid.rows}
     assert max(scores.values()) - min(scores.values()) > 0.005  # the grid has something to find
-    half = run_search(voc_files, tmp_path / "half", SearchConfig(strategy="halving", **space), progress=False)
+    half = run_search(voc_files, tmp_path / "half", SearchConfig(strategy="halving", halving_floor=1, **space),
+                      progress=False)
     # schedule [1, 3, 9]: 18 x 1 (9 sigma pairs), 3 pairs (6) x 2, 1 pair (2) x 6 = 42 of 162 runs
     assert half.crf_runs_total == 42 <= 0.4 * grid.crf_runs_total
     picked = scores[(half.best.w1, half.best.sigma_alpha, half.best.sigma_beta)]

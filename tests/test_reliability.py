@@ -102,13 +102,15 @@ def test_redo_clears_a_stage_that_never_finished(tmp_path):
 
 
 def test_one_writer_per_run_folder(tmp_path):
-    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds it
-    with pytest.raises(StageError, match=f"in use by process {os.getppid()}"):
-        with run_lock(tmp_path / ".lock"):
-            pass
-    (tmp_path / ".lock").write_text("999999999")  # a dead one: taken over
+    import socket
+
+    with run_lock(tmp_path / ".lock"):  # a live holder (flock): a second writer is refused, named
+        with pytest.raises(StageError, match=f"in use by process {os.getpid()} on {socket.gethostname()}"):
+            with run_lock(tmp_path / ".lock"):
+                pass
+    (tmp_path / ".lock").write_text("999999999")  # a dead one's (no holder): taken over
     with run_lock(tmp_path / ".lock"):
-        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        assert json.loads((tmp_path / ".lock").read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
     assert not (tmp_path / ".lock").exists()
 
 

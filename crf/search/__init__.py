@@ -35,7 +35,8 @@ IDENTICAL matrices and tables.
 
 Strategies (``SearchConfig.strategy``): ``grid`` (the paper's: every configuration of a round on every
 image) or ``halving``: successive halving over the images (each round's configurations on
-``min_images`` images, the best ``1/eta`` on ``eta`` times as many, ..., the finalists on all of them,
+``min_images`` images but at least ``halving_floor`` (10: the grid on 10 images or fewer), the best
+``1/eta`` on ``eta`` times as many, ..., the finalists on all of them,
 with the same summed-confusion objective, whole lattice groups kept by each cut; about 28 % of the
 grid's CRF runs for the paper's protocol).
 Backend ``auto`` (the default) runs the torch backend where the largest image fits ``memory_mb`` (or, when

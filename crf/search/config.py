@@ -14,7 +14,7 @@ from ..params import CRFParams
 from ..pool import resolve_workers
 from ..errors import CRFInputError
 
-__all__ = ["OBJECTIVES", "STRATEGIES", "DECIMALS", "SearchConfig", "param_key"]
+__all__ = ["OBJECTIVES", "STRATEGIES", "DECIMALS", "HALVING_FLOOR", "HALVING_FLOOR_REASON", "SearchConfig", "param_key"]
 
 OBJECTIVES = ("miou", "trimap_miou")
 #: ``grid``: every configuration of a round on every image (the paper's); ``halving``: successive halving
@@ -23,6 +23,15 @@ STRATEGIES = ("grid", "halving")
 #: Decimal places kept for grid values (refinement steps such as 2.5 or 0.25 stay exact and the same
 #: value always gives the same key, whatever float noise the arithmetic left).
 DECIMALS = 6
+#: The fewest images successive halving's first rung scores a configuration on (``SearchConfig.halving_floor``).
+HALVING_FLOOR = 10
+#: Why :data:`HALVING_FLOOR` (written into ``best.json`` beside it): the study that chose it.
+HALVING_FLOOR_REASON = (
+    "a first rung of few images drops the grid's best on small subsets: on VOC val images (tools/halving_study.py: "
+    "the paper's 96-configuration grid, mIoU, DIAGNOSTIC degraded-GT scores, 2400 random subsets of 12-36 "
+    "images and orders) halving missed the grid's best by more than 0.1 mIoU points in 12 % of them with "
+    "the old first rung ceil(images / 9) (up to 2 points), 4.8 % with a floor of 4, 1.3 % of 6, 0.4 % of 8 "
+    "and 1 of 2400 of 10; from 82 images on ceil(images / 9) >= 10 and the floor changes nothing")
 
 
 def _floats(name: str, values: Any, minimum: float, strict: bool) -> list[float]:
@@ -74,13 +83,19 @@ class SearchConfig:
             torch on an idle machine in-process, else (and for pydensecrf) CPU cores / local ranks.
         strategy: ``"grid"`` (every configuration of a round on every image, the paper's) or
             ``"halving"``: successive halving over the images (:meth:`halving_schedule`): each round's
-            configurations are scored on ``min_images`` images, the best ``1/eta`` of them on ``eta`` times
-            as many, and so on until the finalists are scored on all images with the same summed-confusion
-            objective; the best finalist wins (and centres the next refinement round). The cut keeps
-            whole lattice groups (every w1 of a (sigma_alpha, sigma_beta); ``crf.search.run.halving_cut``).
+            configurations are scored on ``min_images`` images (at least ``halving_floor``), the best
+            ``1/eta`` of them on ``eta`` times as many, and so on until the finalists are scored on all
+            images with the same summed-confusion objective; the best finalist wins (and centres the next
+            refinement round). The cut keeps whole lattice groups (every w1 of a (sigma_alpha,
+            sigma_beta); ``crf.search.run.halving_cut``).
         eta: the halving factor (an integer >= 2): keep ``ceil(groups / eta)`` lattice groups per rung.
-        min_images: images of the first rung (``None``: ``ceil(images / eta**2)``, three rungs).
+        min_images: images of the first rung (``None``: ``ceil(images / eta**2)``, three rungs), raised to
+            ``halving_floor``.
         halving_seed: the order in which the images join the rungs (a permutation of the sorted ids).
+        halving_floor: the fewest images the first rung scores a configuration on (default
+            :data:`HALVING_FLOOR`, chosen from a study on VOC images, :data:`HALVING_FLOOR_REASON`); a subset
+            of at most this many images is searched as the grid. Both are recorded in ``best.json``
+            (:meth:`halving_plan`). Lower it only knowing that a first rung of few images can drop the best.
         cache_mb: per-process memory for cached search input files in MiB; ``None`` -> half the physical memory
             divided among the worker processes of the machine.
         label: a note on where the probabilities come from, written into ``ranked.md``, the heatmap title
@@ -113,6 +128,7 @@ class SearchConfig:
     eta: int = 3
     min_images: int | None = None
     halving_seed: int = 0
+    halving_floor: int = HALVING_FLOOR
 
     def __post_init__(self) -> None:
         self.w1 = _floats("w1", self.w1, 0.0, strict=False)
@@ -146,6 +162,9 @@ class SearchConfig:
         mi = self.min_images
         if mi is not None and (isinstance(mi, bool) or not isinstance(mi, int) or mi < 1):
             raise CRFInputError(f"SearchConfig.min_images must be None or an integer >= 1, got {mi!r}")
+        hf = self.halving_floor
+        if isinstance(hf, bool) or not isinstance(hf, int) or hf < 1:
+            raise CRFInputError(f"SearchConfig.halving_floor must be an integer >= 1 (images), got {hf!r}")
         if isinstance(self.halving_seed, bool) or not isinstance(self.halving_seed, int):
             raise CRFInputError(f"SearchConfig.halving_seed must be an integer, got {self.halving_seed!r}")
 
@@ -172,8 +191,9 @@ class SearchConfig:
 
     def halving_schedule(self, images: int) -> list[int]:
         """Images per rung of successive halving for a subset of ``images``: ``min_images`` (default
-        ``ceil(images / eta**2)``), times ``eta`` per rung, the last rung all ``images`` (increasing; one
-        rung when the first already covers them). The grid strategy is the single rung ``[images]``.
+        ``ceil(images / eta**2)``) but at least ``halving_floor``, times ``eta`` per rung, the last rung all
+        ``images`` (increasing; one rung, the grid, when the first already covers them: a subset of at most
+        ``halving_floor`` images). The grid strategy is the single rung ``[images]``.
 
         Example: 100 images, eta 3 -> [12, 36, 100]; the 96 configurations (48 sigma pairs x 2 w1) are
         scored on 12 images, the best 16 pairs (32 configurations) on 36, the best 6 pairs on all 100:
@@ -182,11 +202,31 @@ class SearchConfig:
             return [images]
         first = self.min_images if self.min_images is not None else math.ceil(images / self.eta**2)
         rungs = []
-        n = max(1, first)
+        n = max(first, self.halving_floor)
         while n < images:
             rungs.append(n)
             n *= self.eta
         return rungs + [images]
+
+    def halving_plan(self, images: int) -> dict:
+        """The record of the schedule for a subset of ``images`` (``best.json``): ``eta``, ``rungs``
+        (:meth:`halving_schedule`), ``halving_floor``, ``halving_floor_reason`` and ``halving_note``: what
+        the floor changed, in words (e.g. the grid on a subset too small for a first rung of the floor
+        plus a later one). Empty for the grid strategy."""
+        if self.strategy == "grid":
+            return {}
+        asked = self.min_images if self.min_images is not None else math.ceil(images / self.eta**2)
+        rungs = self.halving_schedule(images)
+        origin = "min_images" if self.min_images is not None else f"ceil({images} / eta**2)"
+        if len(rungs) == 1:
+            note = (f"the grid: {images} images are too few for halving with a first rung of at least "
+                    f"halving_floor {self.halving_floor} images and a later rung")
+        elif asked < rungs[0]:
+            note = f"first rung raised from {asked} ({origin}) to halving_floor {self.halving_floor} images"
+        else:
+            note = f"first rung {rungs[0]} images ({origin}), not below halving_floor {self.halving_floor}"
+        return {"eta": self.eta, "rungs": rungs, "halving_floor": self.halving_floor,
+                "halving_floor_reason": HALVING_FLOOR_REASON, "halving_note": note}
 
     def params(self, w1: float, sigma_alpha: float, sigma_beta: float) -> CRFParams:
         """A configuration with this search's fixed w2, sigma_gamma and iterations."""

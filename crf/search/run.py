@@ -172,16 +172,18 @@ def run_search(input_files: Sequence[str | os.PathLike], out_dir: str | os.PathL
                                 "backend_reason": plan.backend_reason, "device": plan.device,
                                 "inputs_digest": plan.inputs,
                                 "layout": evaluator.layout, "layout_reason": evaluator.layout_reason,
-                                **({"eta": config.eta, "rungs": schedule} if config.strategy == "halving" else {})})
+                                **config.halving_plan(len(files))})
         if progress or log is not None:
             from tqdm import tqdm
 
             obj = best_rec.get("objective")
+            halving = config.halving_plan(len(files))
             obj_s = "n/a" if obj is None else (f"{obj:.6g}" if callable(config.objective) else f"{100 * obj:.2f}%")
             (log or tqdm.write)(
                 f"crf search ({config.strategy}, {plan.backend} on {plan.device}, {evaluator.layout}): {len(rows)} "
                 f"configurations, {total_runs} CRF runs of {len(round_of) * len(files)} for the grid "
                 f"({evaluator.crf_runs} made now) x {len(files)} images in "
                 f"{seconds:.1f} s; best w1={best.w1:g} sigma_alpha={best.sigma_alpha:g} "
-                f"sigma_beta={best.sigma_beta:g}: {key['objective_name']} {obj_s}")
+                f"sigma_beta={best.sigma_beta:g}: {key['objective_name']} {obj_s}"
+                + (f"; halving rungs {schedule}: {halving['halving_note']}" if halving else ""))
     return result

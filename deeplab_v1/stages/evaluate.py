@@ -2,7 +2,10 @@
 trimap (paper Fig. 5; its band is ``data.trimap_band``), DCNN vs DCNN-CRF, then ``report.md``.
 
 Reads: ``predictions/dcnn/``, ``predictions/crf/`` (when the CRF ran), the test labels. Writes:
-``metrics.json``, ``trimap.json``, ``trimap.png`` and, through ``stages.report``, ``report.md``.
+``metrics.json``, ``trimap.json``, ``trimap.png`` and, through ``stages.report``, ``report.md`` and
+``figures/``. An evaluation first removes those of an earlier one, and checks that every prediction of every
+method is there before it reads any: a finished crf stage whose predictions are gone is an error, never a
+report without its CRF row (issue #20).
 """
 
 from __future__ import annotations
@@ -25,25 +28,35 @@ METHODS: dict[str, str] = {"dcnn": "DCNN", "crf": "DCNN-CRF"}
 def run(ctx: RunContext) -> dict:
     """Evaluate every method's predictions; returns the mIoU of each for the stage record.
 
+    The methods: DCNN, and DCNN-CRF when ``crf.enabled`` and the crf stage finished (or left predictions).
+
     Raises:
-        StageError: a prediction is missing (names the file and the stage that writes it).
+        StageError: predictions are missing (how many, the first one, and the command that rebuilds them),
+            before any metric is computed; the outputs of an earlier evaluation are gone by then.
     """
     cfg = ctx.cfg
     n = cfg.model.num_classes
     widths = cfg.evaluation.trimap_widths
+    ctx.layout.clear_outputs("evaluate")  # neither a redone nor a failed evaluation leaves older numbers
     samples = ctx.test_samples()
     methods = {"dcnn": ctx.layout.predictions("dcnn")}
-    if cfg.crf.enabled and ctx.layout.predictions("crf").is_dir():
+    crf_record = ctx.layout.read_record("crf")
+    crf_ran = crf_record is not None and not crf_record.get("skipped")
+    if cfg.crf.enabled and (crf_ran or ctx.layout.predictions("crf").is_dir()):
         methods["crf"] = ctx.layout.predictions("crf")
+    for k, folder in methods.items():
+        missing = [p for s in samples if not (p := folder / f"{s.id}.png").is_file()]
+        if missing:
+            stage = "test" if k == "dcnn" else "crf"
+            raise StageError(f"evaluate: {len(missing)} of {len(samples)} {METHODS[k]} predictions are missing "
+                             f"(e.g. {missing[0]}); rebuild them with `deeplab {stage} EXPERIMENT --redo` or "
+                             f"`deeplab run EXPERIMENT --redo {stage}`")
     conf = {k: ConfusionAccumulator(n) for k in methods}
     tri = {k: TrimapAccumulator(widths, n, band=cfg.data.trimap_band) for k in methods}
     for s in tqdm(samples, desc="evaluate", disable=not ctx.progress, dynamic_ncols=True):
         gt = read_label(s.label, n, s.label_map)
         for k, folder in methods.items():
-            p = folder / f"{s.id}.png"
-            if not p.is_file():
-                raise StageError(f"evaluate: missing prediction {p}; run the {'test' if k == 'dcnn' else 'crf'} stage")
-            pred = read_label(p, n)
+            pred = read_label(folder / f"{s.id}.png", n)
             conf[k].update(gt, pred)
             tri[k].update(gt, pred)
     metrics = {k: conf[k].metrics(json_safe=True) for k in methods}
