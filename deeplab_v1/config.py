@@ -176,9 +176,9 @@ class CRFConfig:
     parameters, those are used instead (the report says which). ``backend``: ``auto`` (the torch
     backend when it is installed and the inputs fit ``memory_mb``, else pydensecrf; the choice is
     recorded), ``pydensecrf`` (the reference) or ``torch``; ``device`` of the torch backend;
-    ``workers`` CPU processes (null: ``crf.pool.default_workers``, this process with every core's threads
-    for torch on an idle machine, else one process per core); ``memory_mb`` the memory budget of one
-    batch of the torch backend (null: a default from the device).
+    ``workers`` CPU processes (null: ``crf.pool.default_workers``, one single-threaded process per core
+    on CPU); ``memory_mb`` the budget that chooses the backend and bounds a torch batch (null: a fixed
+    4096 MiB, never this machine's memory).
     """
 
     enabled: bool = True
