@@ -36,9 +36,10 @@ def demo_run(tmp_path_factory) -> Runner:
     return _crf_demo(tmp_path_factory, "demo", QUICK)
 
 
-#: A successive-halving search of the 2 x 2 x 2 grid on 3 images: rungs of 1 and 3 images, no refinement.
+#: A successive-halving search of the 2 x 2 x 2 grid on 3 images: rungs of 1 and 3 images, no refinement
+#: (the floor lowered explicitly: by default 3 images are searched as the grid).
 HALVING = QUICK[:2] + ["crf_search.sigma_alpha=[30, 50]", "crf_search.strategy=halving", "crf_search.eta=3",
-                       "crf_search.rounds=0", "crf.workers=1", "crf_search.workers=1"]
+                       "crf_search.halving_floor=1", "crf_search.rounds=0", "crf.workers=1", "crf_search.workers=1"]
 
 
 @pytest.fixture(scope="module")
