@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 from ..context import RunContext, StageError
+from ..models import release_spec
 from ..engine.checkpoint import save_checkpoint
 from ..engine.precision import set_tf32
 from ..engine.trainer import train
@@ -58,7 +59,7 @@ def run(ctx: RunContext) -> dict:
         if ctx.dist.is_main:
             save_checkpoint(ctx.layout.final_checkpoint, {"state_dict": model.state_dict(), "model": ctx.cfg.model.name})
         return {"init": init_desc, "iterations": 0}
-    spec = ctx.v1_spec
+    spec = release_spec(ctx.cfg.model.name)
     if spec is None:  # DeepLab v3/v3+ options
         if t.output_stride:
             model.set_output_stride(t.output_stride)
