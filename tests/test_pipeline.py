@@ -275,7 +275,7 @@ def test_tensorboard_missing_is_a_one_line_error_naming_the_key(tmp_path, monkey
 
 
 @pytest.mark.cuda
-def test_cuda_batched_bf16_inference_and_pinned_loader():
+def test_cuda_batched_bf16_inference_matches_float32_on_the_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
     torch.manual_seed(0)
