@@ -14,18 +14,22 @@ This package never imports ``deeplab_v1``: it takes images and class probabiliti
   features, Potts/diagonal/matrix compatibilities, every normalisation: ``crf.meanfield``).
 - ``python -m crf apply | search | evaluate`` (``crf.cli``): any model's class maps in folders
   (``crf.folders``) -> labels, the search, metrics and trimap.
+- ``DenseCRFLayer``: mean-field as a trainable ``nn.Module`` (CRF-as-RNN) on the same lattices, learnable
+  kernel weights and label compatibility (``crf.layer``, backward by the filter's transpose ``crf._adjoint``);
+  ``fit_crf`` fits them on cached scores by gradient (``crf.learn``).
 - ``crf.atomic``: the atomic files every output of the distribution is written with.
 
 Floors, lowest first (a module imports only from floors below it): ``errors``, ``atomic``, ``params``,
 ``inputs``, ``confusion``, ``trimap``, ``pool``, ``permutohedral``, ``step_times``, ``utils``, ``folders``;
-``meanfield``, ``backend_choice``, ``input_files``, ``torch_backend``; ``densecrf``, ``dense``; ``parallel``;
+``meanfield``, ``backend_choice``, ``input_files``, ``torch_backend``; ``_adjoint``, ``densecrf``, ``dense``;
+``layer``; ``learn``; ``parallel``;
 ``search``; ``cli``.
 """
 
 from .params import RELEASE_LARGEFOV, CRFParams
 
 __all__ = ["CRFParams", "RELEASE_LARGEFOV", "dense_crf", "scores_to_probs", "CRFTask", "CRFRunSummary",
-           "run_crf_many", "SearchConfig", "SearchResult", "run_search"]
+           "run_crf_many", "SearchConfig", "SearchResult", "run_search", "DenseCRFLayer", "fit_crf", "FitResult"]
 
 
 def __getattr__(name: str):
@@ -36,6 +40,10 @@ def __getattr__(name: str):
         from . import parallel as module
     elif name in ("SearchConfig", "SearchResult", "run_search"):
         from . import search as module
+    elif name == "DenseCRFLayer":
+        from . import layer as module
+    elif name in ("fit_crf", "FitResult"):
+        from . import learn as module
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(module, name)

@@ -106,7 +106,8 @@ def resolve_backend(backend: str, device: str, shapes: Iterable[Sequence[int]], 
 
     Returns:
         A :class:`BackendChoice`. ``"auto"`` gives torch (on ``device``) when torch is installed and
-        :func:`torch_memory_mb` of the largest shape is within the budget; pydensecrf on CPU otherwise.
+        :func:`torch_memory_mb` of the largest shape is within the budget; pydensecrf on CPU otherwise (its
+        reason names the largest input as width x height pixels).
         An explicit backend is returned as it is.
 
     Raises:
@@ -126,7 +127,8 @@ def resolve_backend(backend: str, device: str, shapes: Iterable[Sequence[int]], 
         return BackendChoice("torch", device, "auto: torch (no inputs to size)", budget)
     need = torch_memory_mb(largest[1] * largest[2], largest[0], configs)
     if need > budget:
-        return BackendChoice("pydensecrf", "cpu", f"auto: the largest input {largest[1]}x{largest[2]} x {largest[0]} "
-                             f"labels needs ~{need:.0f} MiB in torch, over the {budget:.0f} MiB budget", budget)
+        return BackendChoice("pydensecrf", "cpu", f"auto: the largest input, {largest[2]}x{largest[1]} pixels x "
+                             f"{largest[0]} labels, needs ~{need:.0f} MiB in torch, over the {budget:.0f} MiB budget",
+                             budget)
     return BackendChoice("torch", device, f"auto: torch fits ({need:.0f} of {budget:.0f} MiB for "
-                         f"{largest[1]}x{largest[2]} x {largest[0]} labels)", budget)
+                         f"{largest[2]}x{largest[1]} pixels x {largest[0]} labels)", budget)

@@ -3,11 +3,12 @@
 * ``apply --images DIR --probs DIR --out DIR [--params w1=4,sigma_alpha=49,...] [--logits]``: the CRF on
   every ``<stem>.npy`` / ``.npz`` class map with its image ``<stem>.*``; writes ``<stem>.png`` palette
   labels. Resumable (outputs already there are kept), every core or a GPU (``crf.parallel``).
-* ``search --images DIR --probs DIR --labels DIR --out DIR``: the paper's cross-validation of w1,
-  sigma_alpha, sigma_beta (DeepLab v1 Sec. 5; ``crf.search``, grid or successive halving).
-* ``evaluate --pred DIR --labels DIR --num-classes N --out DIR``: ``metrics.json`` (mIoU, pixel and
-  mean accuracy, per class; ``crf.confusion``) and ``trimap.json`` + ``trimap.png`` (the accuracy in bands
-  around the void outlines, paper Fig. 5; ``crf.trimap``).
+* ``search --images DIR --probs DIR --labels DIR --out DIR [--band void|boundary]``: the paper's
+  cross-validation of w1, sigma_alpha, sigma_beta (DeepLab v1 Sec. 5; ``crf.search``, grid or successive
+  halving); ``--band`` is the ``trimap_miou`` objective's band (``crf.trimap``).
+* ``evaluate --pred DIR --labels DIR --num-classes N --out DIR [--band void|boundary]``: ``metrics.json``
+  (mIoU, pixel and mean accuracy, per class; ``crf.confusion``) and ``trimap.json`` + ``trimap.png`` (the
+  accuracy in bands around the void outlines or the label changes, paper Fig. 5; ``crf.trimap``).
 
 Every input folder is checked before any work, and one error names every bad file.
 """
@@ -116,6 +117,7 @@ def cmd_apply(args) -> int:
 def cmd_search(args) -> int:
     from .input_files import write_search_input
     from .search import SearchConfig, run_search
+    from .trimap import trimap_band
 
     values: dict = {}
     if args.config is not None:
@@ -133,7 +135,10 @@ def cmd_search(args) -> int:
     missing = [f"{maps[s]}: no label {s}.png in --labels" for s in stems if s not in labels]
     if missing:
         raise bad_files_error(missing, "class maps")
-    samples = args.out / "samples"
+    boundary = args.band == "boundary" and config.objective == "trimap_miou"
+    # the boundary band is stored in the inputs (the search computes only the void band from a label), in a
+    # folder of its width so that a rerun with another band or width does not reuse them
+    samples = args.out / (f"samples-boundary-{config.trimap_width}" if boundary else "samples")
     samples.mkdir(parents=True, exist_ok=True)
     files, problems = [], []
     for stem in stems:
@@ -150,7 +155,8 @@ def cmd_search(args) -> int:
             if bad.size:
                 raise CRFInputError(f"{labels[stem]}: values {bad[:10].tolist()} are not classes 0..{classes - 1} or 255")
             probs = to_probs(load_map(maps[stem]), *image.shape[:2], args.logits, where=str(maps[stem]))
-            write_search_input(path, image, probs.astype(np.float16), label)
+            band = trimap_band(label, config.trimap_width, band="boundary") if boundary else None
+            write_search_input(path, image, probs.astype(np.float16), label, band)
         except CRFInputError as exc:
             problems.append(str(exc))
     if problems:
@@ -171,14 +177,15 @@ def _json_number(value: float) -> float | None:
 
 def evaluate_folders(pred: Path, labels: Path, num_classes: int, out: Path, *, ignore_index: int = 255,
                      widths: Sequence[int] = range(1, 41), class_names: Sequence[str] | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, band: str = "void") -> dict:
     """Score every ``<stem>.png`` of ``pred`` against ``labels/<stem>.png``; write ``metrics.json``,
     ``trimap.json`` and ``trimap.png`` into ``out`` (atomically); return the metrics.
 
     metrics.json: ``images``, ``miou``, ``pixel_accuracy``, ``mean_accuracy`` (fractions), ``per_class``
     (name, IoU, accuracy; None where a class never occurs), ``confusion`` (rows ground truth). trimap.json:
     for each band width w (pixels), the mIoU and pixel accuracy of the labelled pixels within chessboard
-    distance w of a void (``ignore_index``) pixel (``crf.trimap``; empty bands without void outlines).
+    distance w of a void (``ignore_index``) pixel (``band="void"``; empty bands without void outlines) or of
+    a pixel of another class (``band="boundary"``), as ``crf.trimap`` defines them.
 
     Raises:
         CRFInputError: a missing folder, no prediction, predictions without a label, bad class names, and
@@ -186,8 +193,10 @@ def evaluate_folders(pred: Path, labels: Path, num_classes: int, out: Path, *, i
     """
     from tqdm import tqdm
 
-    from .trimap import void_distance
+    from .trimap import BANDS, band_distance
 
+    if band not in BANDS:
+        raise CRFInputError(f"--band must be one of {', '.join(BANDS)}, got {band!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise CRFInputError(f"--num-classes must be an integer >= 1, got {num_classes!r}")
     names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
@@ -210,7 +219,7 @@ def evaluate_folders(pred: Path, labels: Path, num_classes: int, out: Path, *, i
     for stem in tqdm(sorted(preds), desc="evaluate", unit="img", disable=not progress):
         try:
             p, g = read_label(preds[stem]), read_label(gts[stem])
-            distance = void_distance(g, ignore_index)
+            distance = band_distance(g, band, ignore_index)
             bins = np.where(distance <= top, distance, -1).astype(np.int64)
             both = ("label " + str(gts[stem]), "prediction " + str(preds[stem]))
             total += confusion_stack(g, p, num_classes, np.zeros(g.shape, np.int64), 1, ignore_index, both)[0]
@@ -228,7 +237,7 @@ def evaluate_folders(pred: Path, labels: Path, num_classes: int, out: Path, *, i
         "confusion": total.tolist(),
     }
     cumulative = np.cumsum(bands, axis=0)
-    trimap = {"band": "void", "ignore_index": ignore_index, "widths": widths,
+    trimap = {"band": band, "ignore_index": ignore_index, "widths": widths,
               "miou": [_json_number(miou(cumulative[w])) for w in widths],
               "pixel_accuracy": [_json_number(pixel_accuracy(cumulative[w])) for w in widths],
               "pixels": [int(cumulative[w].sum()) for w in widths]}
@@ -266,7 +275,8 @@ def _trimap_figure(path: Path, trimap: dict) -> None:
 def cmd_evaluate(args) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     metrics = evaluate_folders(args.pred, args.labels, args.num_classes, args.out, ignore_index=args.ignore_index,
-                               widths=args.trimap_widths, class_names=names, progress=not args.no_progress)
+                               widths=args.trimap_widths, class_names=names, progress=not args.no_progress,
+                               band=args.band)
     print(f"{metrics['images']} images: mIoU {100 * (metrics['miou'] or 0):.2f} %, pixel accuracy "
           f"{100 * (metrics['pixel_accuracy'] or 0):.2f} %; {args.out / 'metrics.json'}")
     return 0
@@ -296,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--strategy", choices=["grid", "halving"], help="grid (the paper's) or halving")
     search.add_argument("--objective", choices=["miou", "trimap_miou"])
     search.add_argument("--rounds", type=int, help="refinement rounds after the coarse grid")
+    search.add_argument("--band", choices=["void", "boundary"], default="void",
+                        help="trimap_miou's band: around void outlines (VOC, the release's) or label changes")
     evaluate = sub.add_parser("evaluate", help="metrics.json, trimap.json and trimap.png")
     evaluate.add_argument("--pred", type=Path, required=True, help="folder of <stem>.png predicted labels")
     evaluate.add_argument("--labels", type=Path, required=True, help="folder of <stem>.png ground truth")
@@ -304,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ignore-index", type=int, default=255)
     evaluate.add_argument("--trimap-widths", type=_widths, default=list(range(1, 41)), help="e.g. 1..40 or 2,5,10")
     evaluate.add_argument("--class-names", help="comma-separated, one per class")
+    evaluate.add_argument("--band", choices=["void", "boundary"], default="void",
+                          help="trimap band around void outlines (VOC, the release's) or label changes")
     evaluate.add_argument("--no-progress", action="store_true")
     return ap
 

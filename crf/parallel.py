@@ -253,8 +253,8 @@ def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | 
     (torch or auto), or one worker and the torch backend, this process runs every image itself (on CUDA in
     batches, ``dense_crf_torch_batch``, bounded by ``memory_mb``; on CPU one image at a time with every
     core's threads): one GPU-owning process and no CPU pool. ``workers=None`` takes
-    :func:`crf.pool.default_workers`: this process on an idle machine for torch, one process per core for
-    pydensecrf or on a loaded machine (``tools/bench_crf_search.py`` measures both layouts).
+    :func:`crf.pool.default_workers`: one process per core on CPU (``tools/bench_crf_search.py`` measures
+    the layouts).
 
     Args:
         tasks: :class:`CRFTask` items (CRF input file ``.npz`` -> label ``.png``/``.npy``).

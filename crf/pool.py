@@ -18,18 +18,21 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable, Optional
 from .errors import CRFInputError
 
-__all__ = ["available_cores", "resolve_workers", "worker_threads", "default_workers", "IDLE_LOAD_PER_CORE",
+__all__ = ["available_cores", "resolve_workers", "worker_threads", "default_workers", "LAYOUT_REASON",
            "watch_parent", "worker_init", "make_executor", "InlineExecutor"]
 
-#: Below this 1-minute load average per core the torch backend on CPU runs in this process with every core's
-#: threads; at or above it, one single-threaded process per core. Measured by ``tools/bench_crf_search.py``
-#: (VOC val images, the paper's grid, 2 cores): one process of 2 threads gave 3.5-3.9 configuration x image
-#: pairs per second against 3.1 for two single-threaded processes when idle, and 3.65 against 3.00 at a load
-#: average of 2.1 (the lattices of two processes compete for the shared cache); at a load average of 5-7 the
-#: threaded process fell to 0.78x pydensecrf on every core and the two processes held 1.72x (a busy core
-#: stalls the other half of every op of the threaded process, while separate processes carry on). The load
-#: average counts this process's own recent work too, hence a threshold above one per core.
-IDLE_LOAD_PER_CORE = 1.5
+#: Why the torch backend on CPU runs as one single-threaded process per core, never in this process with
+#: every core's threads (issue #21 item 9), measured by ``tools/bench_crf_search.py`` (VOC val images, the
+#: paper's grid, 2 cores): idle, one process of 2 threads gave 4.74 configuration x image pairs per second
+#: and two single-threaded processes 4.36 (8 % slower); busy, the threaded process fell far behind (crf-demo's
+#: search: 72.5 s in-process at a load average of 2.65, 19.3 s as two processes at 3.9; 0.78x against 1.72x
+#: pydensecrf at a load of 5-7; threads against processes, pairs per second, under other jobs: 0.92 against
+#: 1.61 at a load average of 4.1-5.5, 0.35 against 0.98 at 7.7-8.0, 0.32 against 0.66 at 9.6-10.1): a busy
+#: core stalls the other half of every op of the threaded process, while separate processes carry on.
+#: The load average cannot pick between them in time (it lags by a minute and counts the run's own work),
+#: so the layout that is never much slower is the only one.
+LAYOUT_REASON = ("one single-threaded process per core (idle ~8 % slower than one process with every core's "
+                 "threads, busy 1.7-3.7x faster)")
 
 
 def available_cores() -> int:
@@ -60,13 +63,14 @@ def default_workers(backend: str, device: str = "cpu", processes_per_machine: in
     """The CRF worker processes when none are configured, and why (for the records).
 
     pydensecrf (single-threaded C++): one process per core. torch on CUDA: 1 (this, the GPU-owning
-    process). torch (or ``auto``) on CPU: 1 -- this process, with every core's threads -- while the
-    1-minute load average per core is below :data:`IDLE_LOAD_PER_CORE`, else one process per core. Cores
-    are :func:`available_cores` shared among ``processes_per_machine`` (torchrun's local ranks). The layout
-    never changes a result: every layout computes the same labels.
+    process). torch (or ``auto``) on CPU: one single-threaded process per core, whatever the load
+    (:data:`LAYOUT_REASON`; issue #21 item 9: the in-process layout with every core's threads was 9 %
+    faster idle and 1.7-3.7x slower on a busy machine). Cores are :func:`available_cores` shared among
+    ``processes_per_machine`` (torchrun's local ranks). The layout never changes a result: every layout
+    computes the same labels.
 
     Returns:
-        (workers >= 1, a one-line reason).
+        (workers >= 1, a one-line reason; for torch on CPU it names the 1-minute load average and the cores).
     """
     total = available_cores()
     cores = max(1, total // max(1, processes_per_machine))
@@ -77,13 +81,10 @@ def default_workers(backend: str, device: str = "cpu", processes_per_machine: in
     if cores == 1:
         return 1, "one core"
     try:
-        load = os.getloadavg()[0]
+        load = f"load average {os.getloadavg()[0]:.2f}"
     except (OSError, AttributeError):  # pragma: no cover - no load average on this OS
-        return cores, "torch on CPU: no load average here, one process per core"
-    where = f"torch on CPU, load average {load:.2f} on {total} cores"
-    if load / total < IDLE_LOAD_PER_CORE:
-        return 1, f"{where}: this process, every core's threads"
-    return cores, f"{where}: one process per core"
+        load = "no load average"
+    return cores, f"torch on CPU, {load} on {total} cores: {LAYOUT_REASON}"
 
 
 def watch_parent(parent_pid: int, interval: float = 0.5) -> threading.Thread:

@@ -4,6 +4,7 @@
     deeplab train|test|crf-search|crf|evaluate EXPERIMENT [--set ...] [--redo]
     deeplab predict IMAGE... --weights CK.pth [--crf] [--params w1=..,..] --out DIR
     deeplab compare RUN_DIR... [--out DIR]
+    deeplab config EXPERIMENT [--set key=value ...]
     deeplab convert IN.caffemodel OUT.pth --model NAME
     deeplab --version
 
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from . import experiment_files
 from .config import STAGES, ConfigError, load_config
 from .errors import DeepLabError
 
@@ -31,21 +33,15 @@ DEFAULT_EXPERIMENT_NAME = "default"
 
 
 def packaged_experiments() -> Path:
-    """The folder of the packaged experiments (``deeplab_v1.experiments``: the repository's
-    ``experiments/``, package data of the wheel).
+    """The folder of the packaged experiments (``experiment_files.packaged_experiments``).
 
     Raises:
-        ConfigError: the package is not installed as files (a zipped install), or was installed before
-            the experiments became package data (reinstall: ``pip install -e .``).
+        ConfigError: the package is not installed as files, or without its experiments.
     """
     try:
-        root = resources.files("deeplab_v1.experiments")
-    except ModuleNotFoundError:
-        raise ConfigError("the packaged experiments (deeplab_v1.experiments) are not installed; reinstall the "
-                          "package (pip install -e . in a checkout)") from None
-    if not isinstance(root, Path):
-        raise ConfigError(f"the packaged experiments are not plain files ({root}); install deeplab-v1 unzipped")
-    return root
+        return experiment_files.packaged_experiments()
+    except experiment_files.ExperimentFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def packaged_experiment_names() -> list[str]:
@@ -140,10 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--crf-backend", help="auto (default: torch when it fits the memory budget, else pydensecrf), "
                    "torch or pydensecrf")
+    p.add_argument("--crf-memory-mb", type=float, help="the torch CRF's memory budget, MiB (auto takes pydensecrf for "
+                   "an image that does not fit; default: half the memory, at most 4096)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--size", type=int, help="test padding in pixels (default: the release's, 513 or 514)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    text = "print the resolved configuration of an experiment (its bases merged, --set applied, paths absolute) as YAML"
+    p = sub.add_parser("config", help=text, description=text)
+    _add_common(p)
     text = "compare evaluated runs: one markdown table and one trimap figure (paper Table 1, Fig. 5)"
     p = sub.add_parser("compare", help=text, description=text)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders with metrics.json and trimap.json")
@@ -175,7 +176,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .runner import Runner
 
         cfg = load_config(resolve_experiment(args.experiment), overrides)
-        if args.command == "run":
+        if args.command == "config":
+            print(config_yaml(cfg), end="")
+        elif args.command == "run":
             Runner(cfg, progress=not args.no_progress, redo=args.redo).run()
             from .stages.report import headline
 
@@ -187,8 +190,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     return _guarded(args, work)
 
 
+def config_yaml(cfg) -> str:
+    """The resolved configuration as YAML (``deeplab config``; mmsegmentation's print_config): sections as
+    blocks in the schema's order, lists on one line; a file that ``deeplab run`` reads back unchanged."""
+    import yaml
+
+    from .config import to_dict
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    return yaml.dump(to_dict(cfg), Dumper=Dumper, sort_keys=False, default_flow_style=False, width=110)
+
+
 #: Keys whose value is a path: given relative on the command line, they are taken from the current folder.
-PATH_KEYS = ("output_dir", "model.init", "data.root", "data.train_list", "data.test_list")
+PATH_KEYS = experiment_files.PATH_KEYS
 
 
 def _absolute_path(override: str) -> str:
@@ -210,7 +227,7 @@ def _predict(args: argparse.Namespace) -> None:
     predict_images(args.images, args.weights, args.out, model=args.model, num_classes=args.num_classes,
                    use_crf=args.crf, params=args.params, device=args.device, crf_backend=args.crf_backend,
                    batch_size=args.batch_size, size=args.size, progress=not args.no_progress,
-                   log=lambda line: print(line, file=sys.stderr))
+                   crf_memory_mb=args.crf_memory_mb, log=lambda line: print(line, file=sys.stderr))
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -105,7 +105,8 @@ def compare_table(runs: Sequence[RunResult], widths: Sequence[int] = TRIMAP_WIDT
         for w in (w for w in widths if w in measured):
             row(f"{name}, {w} px", [percent(_at(r.trimap.get(k, {}), key, w)) for r, k in cols])
     n = max(len(r.metrics[k].get("per_class_iou", [])) for r, k in cols)
-    for i, cls in enumerate(class_names(n)):
+    named = [r.metrics["class_names"] for r in runs if len(r.metrics.get("class_names") or []) == n]
+    for i, cls in enumerate(named[0] if named else class_names(n)):  # the dataset's names (data.class_names)
         values = []
         for r, k in cols:
             per_class = r.metrics[k].get("per_class_iou", [])

@@ -25,6 +25,7 @@ from crf.params import RELEASE_LARGEFOV
 from crf.search import SearchConfig
 
 from .errors import DeepLabError
+from .data.layouts import data_problem, resolve_lists
 from .experiment_files import ExperimentFileError, read_experiment
 from .key_sources import KeySources, unknown_keys_message
 from .key_sources import at as _at
@@ -63,19 +64,30 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """``data:`` section.
-
-    ``root`` holds JPEGImages and SegmentationClass (VOC2012 layout) or SegmentationClassAug (SBD). A list
-    is a split name (``train``, ``val``: ImageSets/Segmentation/<name>.txt) or a deeplab-public list file
-    (``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` per line). ``max_train_images`` /
-    ``max_test_images`` keep the first N entries (quick runs); ``null`` keeps all.
-    """
+    """``data:`` section (checks: ``deeplab_v1.data.layouts``, issue #23). ``layout``: ``voc`` (``root`` holds
+    JPEGImages and SegmentationClass(Aug); a list is a split name or a deeplab-public list file), ``folder``
+    (``images``, ``labels``: folders under ``root`` matched by file stem; a list is a file of stems, null:
+    every stem) or ``cityscapes`` (labelIds -> the 19 trainIds). ``max_*_images`` keep the first N entries
+    (null: all). ``class_names`` (null: the layout's), ``palette`` ([r, g, b] per class; null: VOC's),
+    ``ignore_index`` (not scored; read as 255), ``trimap_band``: ``void`` (around void outlines, the
+    release's) or ``boundary`` (around label changes, ``crf.trimap``)."""
 
     root: Path = Path("data/VOC2012")
-    train_list: str = "train"
-    test_list: str = "val"
+    train_list: Optional[str] = None  # null: train (voc, cityscapes) or every stem (folder); likewise val
+    test_list: Optional[str] = None
     max_train_images: Optional[int] = None
     max_test_images: Optional[int] = None
+    layout: Literal["voc", "folder", "cityscapes"] = "voc"
+    images: Optional[str] = None
+    labels: Optional[str] = None
+    class_names: Optional[list[str]] = None
+    palette: Optional[list[list[int]]] = None
+    ignore_index: int = 255
+    trimap_band: Literal["void", "boundary"] = "void"
+
+    def __post_init__(self) -> None:  # split names are the default lists of voc and cityscapes
+        if self.layout != "folder":
+            self.train_list, self.test_list = self.train_list or "train", self.test_list or "val"
 
 
 @dataclass
@@ -164,9 +176,9 @@ class CRFConfig:
     parameters, those are used instead (the report says which). ``backend``: ``auto`` (the torch
     backend when it is installed and the inputs fit ``memory_mb``, else pydensecrf; the choice is
     recorded), ``pydensecrf`` (the reference) or ``torch``; ``device`` of the torch backend;
-    ``workers`` CPU processes (null: ``crf.pool.default_workers``, this process with every core's threads
-    for torch on an idle machine, else one process per core); ``memory_mb`` the memory budget of one
-    batch of the torch backend (null: a default from the device).
+    ``workers`` CPU processes (null: ``crf.pool.default_workers``, one single-threaded process per core
+    on CPU); ``memory_mb`` the budget that chooses the backend and bounds a torch batch (null: a fixed
+    4096 MiB, never this machine's memory).
     """
 
     enabled: bool = True
@@ -483,10 +495,8 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
         fail("train.crop_size", f"must be a positive number of pixels (or null: the release's crop), got {cfg.train.crop_size}")
     if cfg.test.size is not None and cfg.test.size < 1:
         fail("test.size", f"must be a positive number of pixels (or null: the release's test size), got {cfg.test.size}")
-    for key in ("crf.workers",):
-        v = cfg.crf.workers
-        if v is not None and v < 1:
-            fail(key, f"must be >= 1 worker processes (or null: one per core), got {v}")
+    if cfg.crf.workers is not None and cfg.crf.workers < 1:
+        fail("crf.workers", f"must be >= 1 worker processes (or null: one per core), got {cfg.crf.workers}")
     for key, v in (("train.num_workers", cfg.train.num_workers), ("test.num_workers", cfg.test.num_workers)):
         if v is not None and v < 0:
             fail(key, f"must be >= 0 loader processes (0: in the main process; null: from the core count), got {v}")
@@ -503,18 +513,14 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
         fail("crf_search.num_images", f"must be >= 1, got {s.num_images}")
     if any(w < 1 for w in cfg.evaluation.trimap_widths) or not cfg.evaluation.trimap_widths:
         fail("evaluation.trimap_widths", f"must be positive pixel widths, got {cfg.evaluation.trimap_widths}")
-    if check_paths:
-        if not cfg.data.root.is_dir():
-            fail("data.root", f"points to {cfg.data.root}, which is not a folder")
-        if cfg.model.init is not None and not cfg.model.init.is_file():
-            fail("model.init", f"points to {cfg.model.init}, which does not exist")
-        for key in ("train_list", "test_list"):
-            value = getattr(cfg.data, key)
-            if value.endswith(".txt") and not _resolve(Path(value), cfg.source.parent if cfg.source else Path.cwd()).is_file():
-                fail(f"data.{key}", f"points to the list file {value}, which does not exist")
-        problem = _output_dir_problem(cfg.run_dir)
-        if problem:
-            fail("output_dir", f"points to {cfg.run_dir}, {problem}")
+    problem = data_problem(cfg.data, cfg.model.num_classes, check_paths=check_paths)
+    if problem:
+        fail(*problem)
+    if check_paths and cfg.model.init is not None and not cfg.model.init.is_file():
+        fail("model.init", f"points to {cfg.model.init}, which does not exist")
+    problem = _output_dir_problem(cfg.run_dir) if check_paths else None
+    if problem:
+        fail("output_dir", f"points to {cfg.run_dir}, {problem}")
 
 
 def _output_dir_problem(path: Path) -> Optional[str]:
@@ -566,10 +572,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, *
     cfg.source = path.resolve()
     cfg.data.root = _resolve(cfg.data.root, base)
     cfg.model.init = _resolve(cfg.model.init, base)
-    for key in ("train_list", "test_list"):
-        value = getattr(cfg.data, key)
-        if value.endswith(".txt"):
-            setattr(cfg.data, key, str(_resolve(Path(value), base)))
+    resolve_lists(cfg.data, base)  # list files, relative to the YAML's folder
     cfg.output_dir = _resolve(cfg.output_dir, base) if cfg.output_dir else (Path.cwd() / "runs" / cfg.name).resolve()
     validate(cfg, where, check_paths=check_paths)
     return cfg

@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from .config import ExperimentConfig
-from .data.lists import Sample, load_samples
+from .data.layouts import dataset_samples
+from .data.lists import Sample
 from .distributed import DistInfo, init_from_env
 from .errors import DeepLabError
 from .layout import RunLayout
@@ -93,7 +94,7 @@ class RunContext:
         if self._test is None:
             c = self.cfg.data
             need_labels = "evaluate" in self.cfg.stages or self.cfg.test.score_source != "network"
-            samples = load_samples(c.root, c.test_list, require_labels=need_labels)
+            samples = dataset_samples(c, c.test_list, require_labels=need_labels)
             self._test = samples[: c.max_test_images] if c.max_test_images else samples
         return list(self._test)
 
@@ -101,6 +102,6 @@ class RunContext:
         """The training list (labels required); read once per run."""
         if self._train is None:
             c = self.cfg.data
-            samples = load_samples(c.root, c.train_list, require_labels=True)
+            samples = dataset_samples(c, c.train_list, require_labels=True)
             self._train = samples[: c.max_train_images] if c.max_train_images else samples
         return list(self._train)

@@ -11,7 +11,9 @@ merges and returns the raw mapping that ``config.load_config`` then checks as if
 one file. The rules:
 
 - ``base:`` is a path, or a list of paths, relative to the folder of the file that names it (absolute paths
-  and ``~`` work too). It is a top-level key only, and it is removed from the result.
+  and ``~`` work too), or the name of a packaged experiment (``base: crf-demo``, ``base:
+  voc12-deeplab-largefov``: ``packaged_experiments()``) when no file of that name is beside the file. It is
+  a top-level key only, and it is removed from the result.
 - A list of bases is merged left to right, later wins; the file itself is merged last, so it wins over all
   of its bases.
 - Mappings are merged key by key, recursively (a variant's ``train: {batch_size: 20}`` changes that key of
@@ -25,6 +27,9 @@ one file. The rules:
   folder of the experiment file the user names (``load_config`` resolves them against that file's folder).
   A base in ``experiments/_base/`` used by ``experiments/voc12-*.yaml`` therefore writes its paths as seen
   from ``experiments/``. Only the ``base:`` paths themselves are relative to the file that writes them.
+  The exception is a **packaged** experiment file (one inside ``packaged_experiments()``, named by name or by
+  path): its relative paths (``PATH_KEYS``) are taken from the packaged experiments' folder, where they were
+  written for, so ``base: crf-demo`` in an empty folder runs on the shipped sample.
 - A key that appears twice in one mapping of one file is an error (plain YAML keeps the last one silently,
   which hides a section pasted twice).
 
@@ -43,10 +48,14 @@ import yaml
 
 from .errors import DeepLabError
 
-__all__ = ["BASE_KEY", "ExperimentFileError", "deep_merge", "read_experiment", "read_yaml_mapping"]
+__all__ = ["BASE_KEY", "PATH_KEYS", "ExperimentFileError", "deep_merge", "read_experiment", "read_yaml_mapping",
+           "packaged_experiments"]
 
 #: the top-level key that names the base file(s)
 BASE_KEY = "base"
+
+#: Keys whose value is a path (a list is a path when it ends in ``.txt``, else a split name).
+PATH_KEYS: tuple[str, ...] = ("output_dir", "model.init", "data.root", "data.train_list", "data.test_list")
 
 
 class ExperimentFileError(DeepLabError, ValueError):
@@ -116,6 +125,51 @@ def read_yaml_mapping(path: Path) -> dict:
     return data
 
 
+def packaged_experiments() -> Path:
+    """The folder of the packaged experiments (``deeplab_v1.experiments``: the repository's
+    ``experiments/``, package data of the wheel).
+
+    Raises:
+        ExperimentFileError: the package is not installed as files (a zipped install), or was installed
+            before the experiments became package data (reinstall: ``pip install -e .``).
+    """
+    from importlib import resources
+
+    try:
+        root = resources.files("deeplab_v1.experiments")
+    except ModuleNotFoundError:
+        raise ExperimentFileError("the packaged experiments (deeplab_v1.experiments) are not installed; reinstall "
+                                  "the package (pip install -e . in a checkout)") from None
+    if not isinstance(root, Path):
+        raise ExperimentFileError(f"the packaged experiments are not plain files ({root}); install deeplab-v1 unzipped")
+    return root
+
+
+def _packaged_root_of(path: Path) -> Path | None:
+    """The packaged experiments' folder when ``path`` lies inside it, else None."""
+    try:
+        root = packaged_experiments().resolve()
+    except ExperimentFileError:
+        return None
+    return root if path.resolve().is_relative_to(root) else None
+
+
+def _absolute_paths(raw: dict, folder: Path) -> dict:
+    """``raw`` with the relative ``PATH_KEYS`` values made absolute from ``folder`` (a packaged file's)."""
+    raw = copy.deepcopy(raw)
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        value = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(value, str) or (key.endswith("_list") and not value.endswith(".txt")):
+            continue
+        if not Path(value).expanduser().is_absolute():
+            node[name] = str((folder / value).resolve())
+    return raw
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """``override`` merged into ``base`` (neither is changed): mappings key by key, recursively; anything
     else in ``override`` (a list, a scalar, null) replaces the base's value. The base's key order is kept,
@@ -143,7 +197,14 @@ def _base_paths(raw: dict, path: Path) -> list[Path]:
     out = []
     for name in names:
         p = Path(name).expanduser()
-        out.append(p if p.is_absolute() else path.parent / p)
+        p = p if p.is_absolute() else path.parent / p
+        if not p.is_file() and "/" not in name and "\\" not in name:  # a packaged experiment's name
+            try:
+                packaged = packaged_experiments() / (name if name.endswith(".yaml") else f"{name}.yaml")
+            except ExperimentFileError:
+                packaged = p
+            p = packaged if packaged.is_file() else p
+        out.append(p)
     return out
 
 
@@ -157,9 +218,13 @@ def _read(path: Path, stack: list[Path], chain: list[Path]) -> dict:
     merged: dict = {}
     for base in bases:
         if not base.is_file():
-            raise ExperimentFileError(f"{path}: base file {base} not found (key '{BASE_KEY}', relative to {path.parent})")
+            raise ExperimentFileError(f"{path}: base file {base} not found (key '{BASE_KEY}', relative to {path.parent}, "
+                                      f"nor a packaged experiment name)")
         merged = deep_merge(merged, _read(base, [*stack, here], chain))
     own = {k: v for k, v in raw.items() if k != BASE_KEY}
+    packaged = _packaged_root_of(here)
+    if packaged is not None and stack:  # a packaged base: its paths are the package's (the top file's are resolved later)
+        own = _absolute_paths(own, packaged)
     chain.append(here)
     return deep_merge(merged, own)
 

@@ -31,11 +31,12 @@ FIGURE_FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
 
 
 # --------------------------------------------------------------------------------------- label images
-def colorize(label: np.ndarray) -> np.ndarray:
-    """VOC-palette colours of a label map.
+def colorize(label: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    """Palette colours of a label map.
 
     Args:
         label: (H, W) integer class indices 0..255 (255: void).
+        palette: (256, 3) uint8 RGB (``data.layouts.palette``); None: the VOC colour map.
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -48,10 +49,10 @@ def colorize(label: np.ndarray) -> np.ndarray:
         raise ValueError(f"a label map must be (H, W), got shape {label.shape}")
     if label.size and (label.min() < 0 or label.max() > 255):
         raise ValueError(f"label values must be within 0..255, got {label.min()}..{label.max()}")
-    return voc_palette()[label.astype(np.uint8)]
+    return (voc_palette() if palette is None else np.asarray(palette, np.uint8))[label.astype(np.uint8)]
 
 
-def blend(image_rgb: np.ndarray, label: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+def blend(image_rgb: np.ndarray, label: np.ndarray, alpha: float = 0.6, palette: np.ndarray | None = None) -> np.ndarray:
     """The label's colours over the image: ``alpha`` x colour + (1 - alpha) x image, background (0) and
     void (255) pixels left as the image.
 
@@ -59,6 +60,7 @@ def blend(image_rgb: np.ndarray, label: np.ndarray, alpha: float = 0.6) -> np.nd
         image_rgb: (H, W, 3) uint8 RGB 0..255.
         label: (H, W) class indices, the image's size.
         alpha: opacity of the colours, 0..1.
+        palette: as ``colorize``'s.
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -69,7 +71,7 @@ def blend(image_rgb: np.ndarray, label: np.ndarray, alpha: float = 0.6) -> np.nd
     image_rgb = np.asarray(image_rgb)
     if image_rgb.shape[:2] != np.asarray(label).shape:
         raise ValueError(f"image {image_rgb.shape[:2]} and label {np.asarray(label).shape} sizes differ")
-    colours = colorize(label).astype(np.float32)
+    colours = colorize(label, palette).astype(np.float32)
     out = image_rgb.astype(np.float32)
     objects = (label != 0) & (label != IGNORE_LABEL)
     out[objects] = alpha * colours[objects] + (1.0 - alpha) * out[objects]
@@ -150,13 +152,13 @@ PAGE_WIDTH_IN = 9.0
 
 
 def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, title: str | None = None,
-                       names: Sequence[str] | None = None) -> list[Path]:
+                       names: Sequence[str] | None = None, palette: np.ndarray | None = None) -> list[Path]:
     """The paper's Fig. 4: one row per image -- image, ground truth, DCNN, DCNN-CRF -- and a colour key of
     the classes shown.
 
     The figure is ``PAGE_WIDTH_IN`` wide whatever the images' sizes: the panels share the width, each row
     as tall as its image's aspect asks, with narrow gaps (issue #21: it was 3,250 px wide with large gaps).
-    The key (below the panels) lists only the classes some panel shows, in the VOC palette's colours.
+    The key (below the panels) lists only the classes some panel shows, in the palette's colours.
 
     Args:
         rows: mappings with ``image`` ((H, W, 3) uint8 RGB), ``gt``, ``dcnn``, ``crf`` ((H, W) class
@@ -165,6 +167,7 @@ def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, titl
         path: where to write (``.png``; ``.pdf`` and ``.svg`` beside it).
         title: optional figure title (wrapped to the width).
         names: the name of each class index (default: :func:`class_names`, the VOC names).
+        palette: (256, 3) uint8 RGB colours of the label values (default: the VOC colour map).
 
     Returns:
         The files written (``save_figure``).
@@ -194,9 +197,9 @@ def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, titl
     fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.01, hspace=0.01)
     axes = np.atleast_2d(fig.subplots(len(rows), len(heads), squeeze=False, gridspec_kw={"height_ratios": ratios}))
     for i, r in enumerate(rows):
-        panels = [r["image"], colorize(r["gt"]), colorize(r["dcnn"])]
+        panels = [r["image"], colorize(r["gt"], palette), colorize(r["dcnn"], palette)]
         if with_crf:
-            panels.append(colorize(r["crf"]) if r.get("crf") is not None else np.full_like(r["image"], 255))
+            panels.append(colorize(r["crf"], palette) if r.get("crf") is not None else np.full_like(r["image"], 255))
         for j, panel in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(panel, interpolation="nearest")
@@ -206,7 +209,7 @@ def qualitative_figure(rows: Sequence[Mapping], path: str | os.PathLike, *, titl
                 ax.set_title(heads[j], fontsize=10)
         # horizontal, left of the row: readable however short the row is
         axes[i, 0].set_ylabel(r.get("caption", ""), fontsize=8, rotation=0, ha="right", va="center")
-    palette = voc_palette()
+    palette = voc_palette() if palette is None else np.asarray(palette, np.uint8)
     handles = [Patch(facecolor=palette[c] / 255.0, edgecolor="black", linewidth=0.5,
                      label="void (not scored)" if c == IGNORE_LABEL else names[c]) for c in key]
     if handles:

@@ -32,15 +32,26 @@ from .data.lists import Sample
 from .stages.crf_search import choose_subset
 from .weights.checkpoint import file_sha256
 
+#: The dataset's keys that change what is read (the layout, the folders, the label mapping).
+_DATA_KEYS = ("data.layout", "data.images", "data.labels", "data.ignore_index")
 #: Dotted config keys (a key covers its whole section) each stage's result depends on.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("seed", "model", "data.root", "data.train_list", "data.max_train_images", "train", "tf32",
+    "train": ("seed", "model", "data.root", "data.train_list", "data.max_train_images", *_DATA_KEYS, "train", "tf32",
               "device"),
-    "test": ("seed", "model", "data.root", "data.test_list", "data.max_test_images", "test", "tf32", "device"),
-    "crf_search": ("crf_search", "model.num_classes"),
-    "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.backend", "crf.device", "crf.memory_mb"),
-    "evaluate": ("evaluation", "crf.enabled", "model.num_classes"),
+    "test": ("seed", "model", "data.root", "data.test_list", "data.max_test_images", *_DATA_KEYS, "data.palette",
+             "test", "tf32", "device"),
+    "crf_search": ("crf_search", "model.num_classes", "data.trimap_band"),
+    "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.backend", "crf.device", "crf.memory_mb",
+            "data.palette"),
+    "evaluate": ("evaluation", "crf.enabled", "model.num_classes", "data.trimap_band", "data.class_names",
+                 "data.palette"),
 }
+
+#: Keys added after runs were recorded (issue #23): at these values they are left out of a fingerprint,
+#: so that a run made before them is not redone for a key whose value it already had.
+LATER_DEFAULTS: dict[str, Any] = {"data.layout": "voc", "data.images": None, "data.labels": None,
+                                  "data.ignore_index": 255, "data.trimap_band": "void", "data.class_names": None,
+                                  "data.palette": None}
 
 #: Keys inside those sections that change how the work is done, never its result (``*.memory_mb``: the
 #: backend it picks under ``auto`` is stamped instead, ``crf_backend_stamp``).
@@ -108,7 +119,8 @@ def stage_inputs(stage: str, config: dict) -> dict[str, Any]:
     with the digests of the files they name as ``<key>#content``."""
     flat = _flatten(config)
     chosen = {k: v for k, v in flat.items() if k not in NEUTRAL_KEYS and any(
-        k == p or k.startswith(p + ".") for p in STAGE_KEYS[stage])}
+        k == p or k.startswith(p + ".") for p in STAGE_KEYS[stage])
+        and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     for k in FILE_KEYS:
         if k in chosen:
             chosen[f"{k}#content"] = _file_digest(chosen[k])

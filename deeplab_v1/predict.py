@@ -11,7 +11,15 @@ For every image, of any size, it writes (the run folder's names, ``layout.RunLay
   parameters of the checkpoint's run (``<run>/crf_search/best.json`` when the checkpoint is
   ``<run>/checkpoints/*.pth``), else the release's LargeFOV values, then ``--params`` on top;
 - ``DIR/overlay/<stem>.png``: image | DCNN | DCNN-CRF side by side, the labels over the image;
-- ``DIR/predict.json``: the checkpoint, model, CRF parameters and where they came from.
+- ``DIR/predict.json``: the checkpoint, model, CRF parameters and where they came from, and per image the
+  CRF backend that ran, on which device, why, and the memory budget it was chosen for.
+
+The CRF backend is chosen per image before any inference (``crf.backend_choice.resolve_backend``): with
+``auto`` (the default) the torch backend where the image fits the memory budget (``--crf-memory-mb``;
+default ``crf.backend_choice.default_memory_mb``: on CPU half the memory, at most 4096 MiB, on CUDA half
+the free device memory), else pydensecrf, whose working memory per pixel is a fraction of torch's (a
+3000 x 2000 photo needs ~15 GB in torch). The choice and its reason are printed and recorded (issue #21
+item 8).
 
 Images are checked (decoded) and the checkpoint is loaded into the model before any inference, so a
 missing image, a file that is not an image or a checkpoint of another architecture stops at once with
@@ -33,6 +41,7 @@ from tqdm import tqdm
 
 from crf import CRFParams, dense_crf
 from crf import inputs as crf_inputs
+from crf.backend_choice import BackendChoice, resolve_backend, torch_memory_mb
 from crf.params import RELEASE_LARGEFOV
 
 from .atomic import atomic_write_bytes, atomic_write_json
@@ -45,7 +54,8 @@ from .models import MODEL_NAMES, build_model
 from .models.vgg import SPECS
 from .weights.checkpoint import CheckpointError, checkpoint_state_dict, load_checkpoint
 
-__all__ = ["PredictError", "Predictor", "load_predictor", "parse_params", "crf_params_for", "predict_images"]
+__all__ = ["PredictError", "Predictor", "load_predictor", "parse_params", "crf_params_for", "crf_choice",
+           "predict_images"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: The CRF backends ``--crf-backend`` takes (``crf.inputs.BACKEND_CHOICES``; ``auto``: torch when it fits).
@@ -221,7 +231,7 @@ def _batches(paths: list[Path], images: dict[Path, tuple[int, int]], size: int, 
 def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | Path, *, model: Optional[str] = None,
                    num_classes: Optional[int] = None, use_crf: bool = False, params: Optional[str] = None,
                    device: Optional[str] = None, crf_backend: Optional[str] = None, batch_size: int = 4,
-                   size: Optional[int] = None, progress: bool = True,
+                   size: Optional[int] = None, progress: bool = True, crf_memory_mb: Optional[float] = None,
                    log: Callable[[str], None] = print) -> dict:
     """Segment images (see the module docstring for what is written).
 
@@ -236,10 +246,13 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
         crf_backend: one of ``CRF_BACKENDS`` (default ``auto``: the torch backend when it fits the
             memory budget, else pydensecrf; ``crf.backend_choice``).
         batch_size: images per forward pass (>= 1).
+        crf_memory_mb: the torch CRF's memory budget, MiB (``--crf-memory-mb``): ``auto`` takes torch for
+            an image only when its estimated peak (``crf.backend_choice.torch_memory_mb``) fits, and the
+            torch backend runs its channels in chunks within it; None: ``default_memory_mb`` of the device.
 
     Returns:
         The ``predict.json`` record: checkpoint, model, device, CRF parameters and origin, and per image
-        its size and the files written.
+        its size, the files written and (with the CRF) ``crf_backend``: backend, device, reason, memory_mb.
 
     Raises:
         PredictError, DataError, CheckpointError: bad input, before any inference.
@@ -248,26 +261,35 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
     if crf_backend is not None and crf_backend not in CRF_BACKENDS:
         raise PredictError(f"--crf-backend must be one of {', '.join(CRF_BACKENDS)}, got {crf_backend!r}")
+    if crf_memory_mb is not None and (isinstance(crf_memory_mb, bool) or not isinstance(crf_memory_mb, (int, float))
+                                      or not 0 < crf_memory_mb < float("inf")):
+        raise PredictError(f"--crf-memory-mb must be a finite number of MiB > 0, got {crf_memory_mb!r}")
     sizes = check_images(paths)
     files = list(sizes)
     pred = load_predictor(weights, model=model, num_classes=num_classes, device=device, size=size)
     crf_params, origin = crf_params_for(pred.checkpoint, params) if use_crf else (None, None)
     backend = crf_backend or "auto"
     crf_device = str(pred.device) if backend != "pydensecrf" else "cpu"
+    choices = {p: crf_choice(p, sizes[p], pred.num_classes, backend, crf_device, crf_memory_mb, log)
+               for p in files} if use_crf else {}
     out = Path(out)
     record = {"checkpoint": str(pred.checkpoint), "model": pred.name, "num_classes": pred.num_classes,
               "device": str(pred.device), "test_size": pred.size,
-              "crf": None if crf_params is None else {"params": crf_params.to_dict(), "from": origin, "backend": backend},
+              "crf": None if crf_params is None else {"params": crf_params.to_dict(), "from": origin,
+                                                      "backend": backend, "memory_mb": crf_memory_mb},
               "images": {}}
     log(f"predict: {len(files)} images, model {pred.name} from {pred.checkpoint} on {pred.device}"
         + (f"; CRF {crf_params.to_dict()} from {origin}" if crf_params is not None else ""))
+    for p, choice in choices.items():
+        log(f"predict: CRF of {p.name} ({sizes[p][1]}x{sizes[p][0]} pixels): {choice.backend} on {choice.device} "
+            f"({choice.reason}; budget {choice.memory_mb:.0f} MiB)")
     multiple = int(getattr(pred.model, "output_stride", 8))
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress, dynamic_ncols=True)
     for batch in _batches(files, sizes, pred.size, multiple, batch_size):
         images = [read_image(p) for p in batch]
         maps = predict_batch(pred.model, images, size=pred.size, device=pred.device, batch_size=batch_size)
         for p, image, sm in zip(batch, images, maps):
-            record["images"][p.stem] = _write_outputs(p, image, sm, out, crf_params, backend, crf_device)
+            record["images"][p.stem] = _write_outputs(p, image, sm, out, crf_params, choices.get(p))
             bar.update(1)
     bar.close()
     atomic_write_json(out / "predict.json", record)
@@ -275,18 +297,37 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
     return record
 
 
+def crf_choice(path: Path, size: tuple[int, int], classes: int, backend: str, device: str,
+               memory_mb: Optional[float], log: Callable[[str], None]) -> BackendChoice:
+    """The CRF backend for one image of ``size`` (height, width) pixels and ``classes`` labels
+    (``crf.backend_choice.resolve_backend``; ``memory_mb`` None: its default for ``device``). An explicit
+    ``torch`` whose estimate exceeds the budget runs as asked, and a warning line says by how much (its
+    lattices are not split: only its channels run in chunks)."""
+    choice = resolve_backend(backend, device, [(classes, *size)], memory_mb=memory_mb)
+    need = torch_memory_mb(size[0] * size[1], classes)
+    if backend == "torch" and need > choice.memory_mb:
+        log(f"predict: warning: the torch CRF of {path.name} ({size[1]}x{size[0]} pixels) needs ~{need:.0f} MiB, over its "
+            f"{choice.memory_mb:.0f} MiB budget (--crf-backend auto or pydensecrf stays within it)")
+    return choice
+
+
 def _write_outputs(path: Path, image_bgr: np.ndarray, sm: ScoreMap, out: Path, params: Optional[CRFParams],
-                   backend: str, device: str) -> dict:
-    """Labels (and CRF labels) of one image as VOC-palette PNGs, and the side-by-side overlay."""
+                   choice: Optional[BackendChoice]) -> dict:
+    """Labels (and CRF labels, with the backend ``choice``) of one image as VOC-palette PNGs, and the
+    side-by-side overlay."""
     scores = sm.upsampled()
     dcnn = label_from_scores(scores)
     rgb = np.ascontiguousarray(image_bgr[:, :, ::-1])
     files = {"dcnn": out / "dcnn" / f"{path.stem}.png"}
     write_label(files["dcnn"], dcnn)
     panels = [("image", rgb), ("DCNN", blend(rgb, dcnn))]
-    if params is not None:
+    if params is not None and choice is not None:
         probs = torch.softmax(scores, 0).numpy()
-        crf = dense_crf(rgb, probs, params, backend=backend, device=device).argmax(0).astype(np.uint8)
+        del scores  # (C, H, W) float32: 0.5 GB for a 3000 x 2000 photo, not needed by the CRF
+        q = dense_crf(rgb, probs, params, backend=choice.backend, device=choice.device, memory_mb=choice.memory_mb)
+        del probs
+        crf = q.argmax(0).astype(np.uint8)
+        del q
         files["crf"] = out / "crf" / f"{path.stem}.png"
         write_label(files["crf"], crf)
         panels.append(("DCNN-CRF", blend(rgb, crf)))
@@ -295,4 +336,5 @@ def _write_outputs(path: Path, image_bgr: np.ndarray, sm: ScoreMap, out: Path, p
     Image.fromarray(side_by_side(panels)).save(buf, format="PNG")
     atomic_write_bytes(files["overlay"], buf.getvalue())
     return {"image": str(path), "height": int(sm.height), "width": int(sm.width),
-            **{k: str(v) for k, v in files.items()}}
+            **{k: str(v) for k, v in files.items()},
+            **({"crf_backend": choice.to_dict()} if params is not None and choice is not None else {})}

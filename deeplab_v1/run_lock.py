@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -41,11 +42,48 @@ def lock_holder(lock: Path) -> str:
         return f"process {int(text)}" if text.isdigit() else "another process"
 
 
+def _record(lock: Path) -> str:
+    """The lock file's text ("" when it cannot be read)."""
+    try:
+        return Path(lock).read_text()
+    except OSError:
+        return ""
+
+
+def _settle(lock: Path, before: str, seconds: float = 2.0) -> None:
+    """Give a holder that has just taken the lock the moment it needs to write its record: the holder locks
+    first and writes its host and pid after, so a refused contender may still read the record of the writer
+    that died, or an empty file. Wait (at most ``seconds``) while the text is empty or still the one read
+    before our attempt; a holder of long standing leaves it unchanged, and then the wait is the whole
+    ``seconds``, once, on a refusal."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = _record(lock)
+        if text.strip() and (text != before or _names_a_live_process_here(text)):
+            return
+        time.sleep(0.005)
+
+
+def _names_a_live_process_here(text: str) -> bool:
+    """Whether a lock record names a process alive on this host (then it is the holder's own record)."""
+    try:
+        rec = json.loads(text)
+        if rec["host"] != socket.gethostname():
+            return False
+        os.kill(int(rec["pid"]), 0)
+    except (ValueError, KeyError, TypeError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _take(lock: Path) -> int:
     """A descriptor of ``lock`` locked by this process, with this holder's host and pid written in it."""
     import fcntl
 
     for _ in range(_ATTEMPTS):
+        before = _record(lock)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,6 +91,7 @@ def _take(lock: Path) -> int:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StageError(f"{lock}: cannot lock the run folder's lock file: {exc}") from None
+            _settle(lock, before)
             raise StageError(f"{lock.parent}: the run folder is in use by {lock_holder(lock)} (its lock {lock}); "
                              "wait for it, or choose another output_dir") from None
         try:

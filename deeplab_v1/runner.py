@@ -29,7 +29,7 @@ from . import config as config_mod
 from .atomic import atomic_write_json, atomic_write_text
 from .config import ExperimentConfig
 from .context import RunContext, StageError
-from .data.check import check_samples
+from .data.check import check_samples, check_void_band
 from .distributed import DISTRIBUTED_STAGES, RankError, barrier, on_main
 from .fingerprints import changed_keys, stage_fingerprint
 from .layout import STAGES
@@ -97,6 +97,10 @@ class Runner:
         info = self.ctx.dist
         check_samples(samples, self.cfg.model.num_classes, cache=self.layout.data_check,
                       progress=self.ctx.progress, rank=info.rank, world=info.world, gather=_gather_objects)
+        s = self.cfg.crf_search
+        search = "crf_search" in self.cfg.stages and s.enabled and s.search.objective == "trimap_miou"
+        if self.cfg.data.trimap_band == "void" and ("evaluate" in self.cfg.stages or search):
+            check_void_band(self.ctx.test_samples(), self.cfg.model.num_classes)
 
     def run(self, stages: Optional[list[str]] = None) -> dict:
         """Run ``stages`` (default: the config's), skipping finished ones whose fingerprint is unchanged.

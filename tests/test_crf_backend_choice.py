@@ -215,38 +215,40 @@ def test_search_on_cuda_runs_in_process_and_equals_cpu(search_files, tmp_path):
         assert rg["miou"] == pytest.approx(rc["miou"], abs=1e-3)
 
 
-# --- the default layout: threads on an idle machine, processes on a loaded one ---------------------------
+# --- the default layout: one process per core, idle or loaded (issue #21 item 9) ---------------------------
 
 
-@pytest.mark.parametrize("load, workers", [(0.2, 1), (5.99, 1), (6.0, 4), (20.0, 4)])
-def test_default_workers_follows_the_load_average(monkeypatch, load, workers):
+@pytest.mark.parametrize("load", [0.0, 0.2, 5.99, 6.0, 20.0])
+def test_default_workers_is_one_process_per_core_at_any_load(monkeypatch, load):
     from crf import pool
 
     monkeypatch.setattr(pool, "available_cores", lambda: 4)
     monkeypatch.setattr(pool.os, "getloadavg", lambda: (load, 0.0, 0.0))
-    assert pool.IDLE_LOAD_PER_CORE == 1.5  # 4 cores: threads below a load average of 6
     got, reason = pool.default_workers("torch", "cpu")
-    assert got == workers and f"load average {load:.2f} on 4 cores" in reason
-    assert pool.default_workers("auto", "cpu")[0] == workers
+    assert got == 4 and f"load average {load:.2f} on 4 cores" in reason
+    assert "one single-threaded process per core" in reason
+    assert pool.default_workers("auto", "cpu")[0] == 4
     assert pool.default_workers("pydensecrf", "cpu")[0] == 4  # single-threaded C++: a process per core
     assert pool.default_workers("torch", "cuda")[0] == 1
     assert pool.default_workers("torch", "cpu", processes_per_machine=4)[0] == 1  # one core per local rank
+    assert pool.default_workers("torch", "cpu", processes_per_machine=2)[0] == 2
 
 
 def test_search_records_the_default_layout_and_why(search_files, tmp_path, monkeypatch):
     from crf import pool
 
+    cores = pool.available_cores()
     monkeypatch.setattr(pool.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     run_search(search_files, tmp_path / "idle", SearchConfig(backend="torch", **GRID), progress=False)
     idle = json.loads((tmp_path / "idle" / "best.json").read_text())
-    cores = pool.available_cores()
-    if cores > 1:
-        assert idle["layout"].startswith("in-process on cpu x") and "every core's threads" in idle["layout_reason"]
     monkeypatch.setattr(pool.os, "getloadavg", lambda: (10.0 * cores, 0.0, 0.0))
     run_search(search_files, tmp_path / "busy", SearchConfig(backend="torch", **GRID), progress=False)
     busy = json.loads((tmp_path / "busy" / "best.json").read_text())
-    if cores > 1:
-        assert busy["layout"] == f"{cores} processes x 1 thread" and "one process per core" in busy["layout_reason"]
+    if cores > 1:  # idle or busy: one process per core, and the record says why
+        for record, load in ((idle, 0.0), (busy, 10.0 * cores)):
+            assert record["layout"] == f"{cores} processes x 1 thread"
+            assert f"load average {load:.2f}" in record["layout_reason"]
+            assert "one single-threaded process per core" in record["layout_reason"]
     conf = lambda out: sorted(x for x in (out / "results.jsonl").read_text().splitlines())  # noqa: E731
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k in ("params", "confusion")} for x in lines]  # noqa: E731
     assert strip(conf(tmp_path / "idle")) == strip(conf(tmp_path / "busy"))

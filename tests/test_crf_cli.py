@@ -181,7 +181,7 @@ def test_evaluate_names_predictions_without_labels(tmp_path, capsys):
 def test_search_runs_and_writes_best(voc_folders, tmp_path, strategy):
     root, _ = voc_folders
     config = tmp_path / "search.yaml"
-    config.write_text("w1: [5]\nsigma_alpha: [50]\nsigma_beta: [3, 5]\nrounds: 0\nmin_images: 1\n")
+    config.write_text("w1: [5]\nsigma_alpha: [50]\nsigma_beta: [3, 5]\nrounds: 0\nmin_images: 1\nhalving_floor: 1\n")
     out = tmp_path / "search"
     args = ["search", "--images", str(root / "images"), "--probs", str(root / "logits"), "--logits", "--labels",
             str(root / "labels"), "--out", str(out), "--config", str(config), "--workers", "1", "--no-progress",

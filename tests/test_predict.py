@@ -5,6 +5,9 @@ with one line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from crf.backend_choice import torch_memory_mb
 from crf.params import RELEASE_LARGEFOV
 from deeplab_v1.cli import main
 from deeplab_v1.data.io import DataError, read_image, voc_palette
 from deeplab_v1.engine.inference import predict
 from deeplab_v1.models import build_model
-from deeplab_v1.predict import PredictError, crf_params_for, load_predictor, predict_images
+from deeplab_v1.predict import PredictError, crf_choice, crf_params_for, load_predictor, predict_images
 from deeplab_v1.weights.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +187,9 @@ def test_bad_images_stop_before_the_checkpoint_is_read(images, tmp_path, capsys)
         assert message in _error_line(capsys)
     assert not out.exists()
     for option, message in ((["--crf-backend", "opencl"], "--crf-backend must be one of"),
-                            (["--batch-size", "0"], "--batch-size must be >= 1")):
+                            (["--batch-size", "0"], "--batch-size must be >= 1"),
+                            (["--crf", "--crf-memory-mb", "0"], "--crf-memory-mb must be a finite number of MiB > 0"),
+                            (["--crf", "--crf-memory-mb", "inf"], "--crf-memory-mb must be a finite number")):
         assert main(["predict", str(images[0]), "--weights", str(tmp_path / "none.pth"), "--out", str(out),
                      *option]) == 2
         assert message in _error_line(capsys)
@@ -225,3 +231,83 @@ def test_cuda_without_a_gpu_is_a_one_line_error(run_dir, images, tmp_path, capsy
     assert main(["predict", str(images[1]), "--weights", str(run_dir / "checkpoints" / "final.pth"),
                  "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
     assert "CUDA is not available" in _error_line(capsys)
+
+
+#: Runs predict_images in a fresh process with each budget (argv: image, checkpoint, out folder, budgets in MiB)
+#: and measures the peak resident memory of each CRF call: VmRSS before it, the high-water mark VmHWM (reset
+#: through /proc/self/clear_refs) after it. tracemalloc does not see torch's allocations; the kernel does.
+_MEASURE = r"""
+import json, sys
+from pathlib import Path
+import deeplab_v1.predict as predict
+
+def mib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
+real, peaks = predict.dense_crf, []
+
+def measured(*args, **kwargs):
+    before = mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    q = real(*args, **kwargs)
+    peaks.append({"backend": kwargs["backend"], "peak_mib": mib("VmHWM") - before})
+    return q
+
+predict.dense_crf = measured
+image, weights, out = sys.argv[1:4]
+for budget in sys.argv[4:]:
+    lines = []
+    predict.predict_images([image], weights, Path(out) / budget, use_crf=True, size=97, device="cpu",
+                           progress=False, crf_memory_mb=float(budget), log=lines.append)
+    print(json.dumps({"budget": float(budget), "lines": lines, **peaks[-1]}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_the_crf_of_a_large_image_stays_within_its_memory_budget_and_says_what_ran(run_dir, tmp_path):
+    """Issue #21 item 8: a 3000 x 2000 photo took 7.4 GB. ``auto`` takes torch only where the image fits the
+    budget (``--crf-memory-mb``), and then the measured peak of the CRF stays within it; under a smaller budget
+    the same image runs in pydensecrf; both say so on a printed line and in predict.json. The image is a real
+    photo upscaled to 240 x 180 (43,200 pixels, torch's estimate ~107 MiB) to keep the run short."""
+    image = tmp_path / "photo.jpg"
+    Image.open(SAMPLE / "2007_002427.jpg").resize((240, 180), Image.BICUBIC).save(image, quality=92)
+    need = torch_memory_mb(240 * 180, 21)
+    fits, tight = 120.0, 80.0
+    assert tight < need <= fits
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(image), str(run_dir / "checkpoints" / "final.pth"),
+                           str(tmp_path / "out"), str(fits), str(tight)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = {r["budget"]: r for r in map(json.loads, done.stdout.splitlines())}
+    for budget, backend in ((fits, "torch"), (tight, "pydensecrf")):
+        run = runs[budget]
+        assert run["backend"] == backend
+        said = [line for line in run["lines"] if line.startswith("predict: CRF of photo.jpg (240x180 pixels): ")]
+        assert len(said) == 1 and f"{backend} on cpu" in said[0] and f"budget {budget:.0f} MiB" in said[0], run["lines"]
+        record = json.loads((tmp_path / "out" / str(budget) / "predict.json").read_text())
+        chosen = record["images"]["photo"]["crf_backend"]
+        assert chosen["backend"] == backend and chosen["memory_mb"] == budget and chosen["reason"].startswith("auto: ")
+        assert record["crf"]["memory_mb"] == budget
+        assert "240x180 pixels x 21 labels" in said[0]
+        assert (f"~{need:.0f} MiB in torch, over the {budget:.0f} MiB budget" in said[0]) == (backend != "torch")
+    # the measured peak of the torch CRF (image, probabilities, lattices, Q): within the budget it was chosen for
+    assert 0 < runs[fits]["peak_mib"] <= fits, runs[fits]
+
+
+def test_the_crf_choice_of_a_3000_by_2000_photo_is_pydensecrf_and_an_explicit_torch_is_warned_of():
+    """The issue's photo (#21 item 8): ~15 GB in torch, over the 4096 MiB default on CPU, so ``auto`` takes
+    pydensecrf and says why; ``--crf-backend torch`` runs as asked, with a warning line naming both sizes."""
+    lines: list[str] = []
+    auto = crf_choice(Path("photo.jpg"), (2000, 3000), 21, "auto", "cpu", 4096.0, lines.append)
+    assert (auto.backend, auto.device, auto.memory_mb) == ("pydensecrf", "cpu", 4096.0) and not lines
+    assert "3000x2000 pixels x 21 labels, needs ~14923 MiB in torch, over the 4096 MiB budget" in auto.reason
+    torch_ = crf_choice(Path("photo.jpg"), (2000, 3000), 21, "torch", "cpu", 4096.0, lines.append)
+    assert torch_.backend == "torch" and lines == [
+        "predict: warning: the torch CRF of photo.jpg (3000x2000 pixels) needs ~14923 MiB, over its 4096 MiB budget "
+        "(--crf-backend auto or pydensecrf stays within it)"]
+    small = crf_choice(Path("photo.jpg"), (366, 500), 21, "auto", "cpu", 4096.0, lines.append)
+    assert small.backend == "torch" and len(lines) == 1

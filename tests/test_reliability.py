@@ -250,7 +250,11 @@ def test_a_failed_crf_task_is_a_one_line_error(tmp_path, capsys):
     args = ["crf", str(DEFAULT), "--no-progress", "--redo"]
     for o in TINY + [f"output_dir={out}", "crf.workers=1"]:
         args += ["--set", o]
-    assert main(args) == 2
+    assert main(args) == 2  # backend auto reads every cache's header before any work
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deeplab: error: crf: score cache") and f"{sid}.npz" in err and "\n" not in err
+    assert "not an .npz archive" in err and "allow_pickle" not in err
+    assert main(args + ["--set", "crf.backend=pydensecrf"]) == 2  # an explicit backend meets it in the task
     err = capsys.readouterr().err.strip()
     assert err.startswith("deeplab: error: CRF task") and f"{sid}.npz" in err and "\n" not in err
 

@@ -2,12 +2,12 @@
 
 It runs the same small search (a few configurations of the paper's grid x a few images, one round, no
 refinement) for every layout -- pydensecrf on every core (the reference), torch as one single-threaded
-process per core and as one process of every core's threads (``backend: auto`` with ``workers: null``
-takes the second on an idle machine, the first on a loaded one), and one single-threaded process of each -- and prints (configuration, image) pairs per second, the ratio to
-pydensecrf on every core, whether the confusion matrices are identical to pydensecrf's, the load average
-before and after (the machine may be shared: compare the rows of one run), and the paper's protocol (100
-images x (96 coarse + 26 refinement)) projected at the measured rates, exhaustive and with successive
-halving.
+process per core (what ``backend: auto`` with ``workers: null`` takes on CPU, ``crf.pool.default_workers``)
+and as one process of every core's threads, and one single-threaded process of each; ``--layouts`` picks
+some of them -- and prints (configuration, image) pairs per second, the ratio to the first row, whether
+the confusion matrices are identical to the first row's, the load average before and after (the machine
+may be shared: compare the rows of one run), and the paper's protocol (100 images x (96 coarse + 26
+refinement)) projected at the measured rates, exhaustive and with successive halving.
 
 Images: real PASCAL VOC 2012 val images with ``--voc-root`` (DIAGNOSTIC probabilities made from their ground
 truth by ``deeplab_v1.data.degraded.degraded_probs``, the same kind of coarse scores a DCNN gives);
@@ -16,6 +16,7 @@ resolution: one CRF is the paper's unit of work (10 mean-field iterations, 21 la
 
     python tools/bench_crf_search.py                      # synthetic, 8 configurations x 4 images
     python tools/bench_crf_search.py --voc-root /data/VOCdevkit/VOC2012 --images 4 --configs 8
+    python tools/bench_crf_search.py --layouts torch-processes torch-threads --images 4 --configs 16  # the layout rule
 """
 
 from __future__ import annotations
@@ -115,17 +116,20 @@ def protocol_runs(images: int = 100, coarse: int = 96, refine: int = 26) -> dict
     return {"grid": (coarse + refine) * images, "halving": halved(coarse_grid) + halved(refinement)}
 
 
+#: ``--layouts`` names of the rows of :func:`layouts`, in its order.
+LAYOUT_KEYS = ("pydensecrf", "torch-processes", "torch-threads", "torch-1", "pydensecrf-1")
+
+
 def layouts(cores: int) -> list[tuple[str, str, int, int]]:
-    """(name, backend, processes, threads per process) of every layout measured: pydensecrf on every core
-    (the reference), torch as one single-threaded process per core (``workers: null`` on a loaded machine),
-    torch as one process with every core's threads (``workers: null`` on an idle one; ``crf.pool.
-    default_workers``), and both backends in one single-threaded process."""
-    rows = [("pydensecrf, 1 process per core", "pydensecrf", cores, 1),
-            ("torch, 1 process per core x 1 thread (the default on a loaded machine)", "torch", cores, 1),
-            (f"torch, 1 process x {cores} threads (in-process; the default on an idle machine)", "torch", 1, cores),
+    """(name, backend, processes, threads per process) of every layout measured, in the order of
+    :data:`LAYOUT_KEYS`: pydensecrf on every core (the reference), torch as one single-threaded process per
+    core (``workers: null``, ``crf.pool.default_workers``), torch as one process with every core's threads,
+    and both backends in one single-threaded process."""
+    return [("pydensecrf, 1 process per core", "pydensecrf", cores, 1),
+            ("torch, 1 process per core x 1 thread (the default)", "torch", cores, 1),
+            (f"torch, 1 process x {cores} threads (in-process)", "torch", 1, cores),
             ("torch, 1 process x 1 thread (in-process)", "torch", 1, 1),
             ("pydensecrf, 1 process", "pydensecrf", 1, 1)]
-    return rows if cores > 1 else rows[1:4:2] + rows[:1]
 
 
 def main() -> int:
@@ -135,6 +139,9 @@ def main() -> int:
     ap.add_argument("--configs", type=int, default=8, help="configurations (default 8; above 2 rounded up to a multiple of 4)")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="processes of the 'every core' layouts")
     ap.add_argument("--skip-single", action="store_true", help="leave out the two single-thread in-process rows")
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUT_KEYS, metavar="LAYOUT",
+                    help=f"measure only these layouts ({', '.join(LAYOUT_KEYS)}; default: all); the ratio "
+                    "column is to the first one given")
     ap.add_argument("--repeats", type=int, default=2,
                     help="passes over the layouts, alternating their order; each layout's best pass is shown")
     args = ap.parse_args()
@@ -145,6 +152,10 @@ def main() -> int:
 
     base = pick_configs(args.configs)
     rows = layouts(args.cores)
+    if args.layouts:
+        rows = [dict(zip(LAYOUT_KEYS, rows))[k] for k in args.layouts]
+    elif args.cores == 1:  # the 'every core' rows are the single-process ones
+        rows = rows[1:4:2] + rows[:1]
     if args.skip_single:
         rows = [r for r in rows if not (r[2] == 1 and r[3] == 1)]
     load0 = os.getloadavg()
@@ -159,7 +170,7 @@ def main() -> int:
               f"{source}, first image {w}x{h}, {NUM_CLASSES} labels, {base.iterations} mean-field iterations, "
               f"{os.cpu_count()} CPUs; load average at the start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
         print()
-        print("| layout | configs x images / s | ratio to pydensecrf on every core | identical confusions |")
+        print("| layout | configs x images / s | ratio to the first row | identical confusions to the first row |")
         print("|---|---:|---:|---|")
         ref, rates, same_as_ref = None, {}, {}
         threads0 = torch.get_num_threads()
@@ -176,7 +187,7 @@ def main() -> int:
                 torch.set_num_threads(threads0)
             recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
             conf = {json.dumps(r["params"], sort_keys=True): r["confusion"] for r in recs}
-            ref = ref if ref is not None else conf  # the first row: pydensecrf on every core
+            ref = ref if ref is not None else conf  # the first row (pydensecrf on every core by default)
             rates[name] = max(rates.get(name, 0.0), pairs / wall)
             same = "yes" if conf == ref else "NO: " + str(sum(conf[k] != ref[k] for k in ref)) + " differ"
             same_as_ref[name] = same if same_as_ref.get(name, "yes") == "yes" else same_as_ref[name]
@@ -197,12 +208,12 @@ def main() -> int:
         print()
         print("| layout | exhaustive | halving |")
         print("|---|---:|---:|")
-        for name in (rows[0][0], best):
+        for name in dict.fromkeys((rows[0][0], best)):
             r = rates[name]
             print(f"| {name} | {runs['grid'] / r / 60:.1f} min | {runs['halving'] / r / 60:.1f} min |")
         r = rates[best]
         print(f"\nfastest layout: {best}; exhaustive {rates[best] / ref_rate:.2f}x and halving "
-              f"{rates[best] / ref_rate * runs['grid'] / runs['halving']:.2f}x faster than pydensecrf on every core "
+              f"{rates[best] / ref_rate * runs['grid'] / runs['halving']:.2f}x faster than the first row "
               "(exhaustive)")
     return 0
 

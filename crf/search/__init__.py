@@ -40,8 +40,8 @@ image) or ``halving``: successive halving over the images (each round's configur
 with the same summed-confusion objective, whole lattice groups kept by each cut; about 28 % of the
 grid's CRF runs for the paper's protocol).
 Backend ``auto`` (the default) runs the torch backend where the largest image fits ``memory_mb`` (or, when
-unset, a fixed 4096 MiB: never the machine's memory; ``crf.parallel.run_backend``), in this process with
-every core's threads on an idle machine, else one single-threaded worker process per core; on CUDA the
+unset, a fixed 4096 MiB: never the machine's memory; ``crf.parallel.run_backend``), as one single-threaded
+worker process per core (``crf.pool.default_workers``); on CUDA the
 search runs in the calling process, images x configurations batched.
 
 Resumability: ``results.jsonl`` in the output folder gets one JSON line per finished configuration,

@@ -79,8 +79,8 @@ class SearchConfig:
         memory_mb: the torch backend's budget per process, MiB (``None``: half the memory shared among
             the workers, at most 4096; on CUDA half the free device memory).
         workers: worker processes per rank, one thread each; 1 -> in-process (torch: every core's threads;
-            on CUDA images batched through one lattice); ``None`` -> :func:`crf.pool.default_workers`: for
-            torch on an idle machine in-process, else (and for pydensecrf) CPU cores / local ranks.
+            on CUDA images batched through one lattice); ``None`` -> :func:`crf.pool.default_workers`: on
+            CPU (torch or pydensecrf) one process per core (cores / local ranks), on CUDA this process.
         strategy: ``"grid"`` (every configuration of a round on every image, the paper's) or
             ``"halving"``: successive halving over the images (:meth:`halving_schedule`): each round's
             configurations are scored on ``min_images`` images (at least ``halving_floor``), the best

@@ -2,7 +2,7 @@
 budget, and how the (configuration, image) pairs are cut into batches and tasks and dealt to the ranks.
 
 Every rank computes its share of ONE plan (issue #20 item 1). What depends on the machine -- the layout
-(from the load average and the cores, ``crf.pool.default_workers``) and the budget (from the memory,
+(from the cores, ``crf.pool.default_workers``) and the budget (from the memory,
 ``crf.backend_choice.default_memory_mb``) -- is decided by rank 0 alone and broadcast (:func:`decide_plan`);
 the backend of ``auto`` comes from the configuration and the input shapes only (``crf.parallel.run_backend``).
 The batches and tasks are then pure functions of the plan, the records (rank 0's, broadcast) and the images

@@ -18,7 +18,7 @@ from crf.pool import available_cores
 from tqdm import tqdm
 
 from ..atomic import atomic_write_json
-from .io import DataError, read_image, read_label
+from .io import IGNORE_LABEL, DataError, read_image, read_label
 from .lists import Sample
 
 #: Problems shown in one error (the rest are counted).
@@ -37,7 +37,7 @@ def _check_one(sample: Sample, num_classes: int) -> Optional[str]:
     try:
         image = read_image(sample.image)
         if sample.label is not None:
-            label = read_label(sample.label, num_classes)
+            label = read_label(sample.label, num_classes, sample.label_map)
             if label.shape != image.shape[:2]:
                 return (f"{sample.label}: label size {label.shape[0]}x{label.shape[1]} differs from its image "
                         f"{sample.image} ({image.shape[0]}x{image.shape[1]}, H x W)")
@@ -75,7 +75,7 @@ def check_samples(samples: Sequence[Sample], num_classes: int, *, cache: Optiona
     keys = {}
     todo = []
     for i, s in enumerate(samples):
-        key = f"{s.image}|{s.label}|{num_classes}"
+        key = f"{s.image}|{s.label}|{num_classes}" + (f"|{s.label_map}" if s.label_map else "")
         keys[i] = (key, f"{_stamp(s.image)}|{_stamp(s.label)}")
         if known.get(key) != keys[i][1]:
             todo.append(i)
@@ -110,3 +110,20 @@ def check_samples(samples: Sequence[Sample], num_classes: int, *, cache: Optiona
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise DataError(f"{len(problems)} of {len(samples)} samples cannot be used:\n  {shown}{more}")
     return len(mine)
+
+
+def check_void_band(samples: Sequence[Sample], num_classes: int, *, key: str = "data.trimap_band") -> None:
+    """The ``void`` trimap band needs void outlines: some label of ``samples`` must hold a 255 (ignored)
+    pixel, else every band is empty (issue #23). Reads labels until the first with one (VOC: the first).
+
+    Raises:
+        DataError: no labelled sample holds a void pixel; the message names ``key`` and the way out.
+    """
+    labelled = [s for s in samples if s.label is not None]
+    for s in labelled:
+        if (read_label(s.label, num_classes, s.label_map) == IGNORE_LABEL).any():
+            return
+    if labelled:
+        raise DataError(f"{key}: void (the band around void outlines, the release's) but none of the {len(labelled)} "
+                        f"test labels holds a void ({IGNORE_LABEL} / data.ignore_index) pixel, so every trimap band "
+                        f"would be empty; set {key}: boundary (the band around label changes)")

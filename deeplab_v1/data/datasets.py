@@ -21,7 +21,7 @@ def _read_pair(sample: Sample, num_classes: int) -> tuple[np.ndarray, np.ndarray
     if sample.label is None:
         raise DataError(f"{sample.image}: training sample {sample.id!r} has no label file")
     image = read_image(sample.image)
-    label = read_label(sample.label, num_classes)
+    label = read_label(sample.label, num_classes, sample.label_map)
     if image.shape[:2] != label.shape:
         raise DataError(
             f"{sample.label}: label size {label.shape[0]}x{label.shape[1]} differs from image {sample.image} "

@@ -23,13 +23,20 @@ from ..atomic import atomic_file
 from ..errors import DeepLabError
 
 __all__ = ["DataError", "VOC_CLASSES", "IGNORE_LABEL", "voc_palette", "read_image", "read_label",
-           "write_label", "check_label_values"]
+           "write_label", "check_label_values", "label_lut", "CITYSCAPES_TRAIN_IDS"]
 
 #: The 21 PASCAL VOC 2012 segmentation classes, in label-index order (0 = background).
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
+
+#: Cityscapes labelId -> trainId of its 19 evaluation classes (cityscapesScripts ``labels.py``); the ids
+#: not listed are ignored (read as 255).
+CITYSCAPES_TRAIN_IDS: dict[int, int] = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
+    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
 
 #: The label value ignored by the loss and the evaluation (VOC "void"; Caffe ``ignore_label: 255``).
 IGNORE_LABEL = 255
@@ -101,7 +108,27 @@ def check_label_values(label: np.ndarray, num_classes: int, where: str | os.Path
         )
 
 
-def read_label(path: str | os.PathLike, num_classes: int = 21) -> np.ndarray:
+def label_lut(label_map: str | None) -> np.ndarray | None:
+    """The (256,) uint8 lookup table of a ``Sample.label_map``: None for None; ``cityscapes``: labelIds to
+    the 19 trainIds, every other id 255 (``CITYSCAPES_TRAIN_IDS``); ``ignore:<n>``: n to 255.
+
+    Raises:
+        DataError: an unknown name.
+    """
+    if label_map is None:
+        return None
+    lut = np.arange(256, dtype=np.uint8)
+    if label_map == "cityscapes":
+        lut[:] = IGNORE_LABEL
+        lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
+    elif label_map.startswith("ignore:") and label_map[7:].isdigit() and int(label_map[7:]) <= 255:
+        lut[int(label_map[7:])] = IGNORE_LABEL
+    else:
+        raise DataError(f"unknown label map {label_map!r} (cityscapes or ignore:<0..255>)")
+    return lut
+
+
+def read_label(path: str | os.PathLike, num_classes: int = 21, label_map: str | None = None) -> np.ndarray:
     """Read a label map of class indices.
 
     Accepts palette (mode ``P``, VOC ``SegmentationClass``) and 8-bit grayscale (mode ``L``,
@@ -111,6 +138,7 @@ def read_label(path: str | os.PathLike, num_classes: int = 21) -> np.ndarray:
     Args:
         path: the PNG file.
         num_classes: valid labels are 0..num_classes-1 and 255 (void).
+        label_map: the values' mapping to class indices (``label_lut``), applied before the check.
 
     Returns:
         (H, W) uint8 class indices.
@@ -137,12 +165,14 @@ def read_label(path: str | os.PathLike, num_classes: int = 21) -> np.ndarray:
         raise DataError(f"{path}: not a readable label image ({exc})") from exc
     if label.ndim != 2 or label.size == 0:
         raise DataError(f"{path}: label image has shape {label.shape}, expected (H, W)")
+    if label_map is not None:
+        label = label_lut(label_map)[label]
     check_label_values(label, num_classes, path)
     return label
 
 
-def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
-    """Write a label map as a VOC-palette PNG (the format of ``SegmentationClass``), atomically.
+def write_label(path: str | os.PathLike, label: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write a label map as a palette PNG (the format of ``SegmentationClass``), atomically.
 
     The file is written to a temporary name in the same folder and moved into place with ``os.replace``,
     so an interrupted run never leaves a truncated PNG. Missing parent folders are created.
@@ -150,6 +180,7 @@ def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
     Args:
         path: destination ``.png``.
         label: (H, W) integer class indices in 0..255.
+        palette: (256, 3) uint8 RGB colours of the values (``layouts.palette``); None: the VOC colour map.
 
     Raises:
         ValueError: ``label`` is not 2-D or has values outside 0..255.
@@ -162,14 +193,14 @@ def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
         if label.size and (label.min() < 0 or label.max() > 255):
             raise ValueError(f"{path}: label values must be within 0..255, got {label.min()}..{label.max()}")
         label = label.astype(np.uint8)
-    image = _palette_image(label)
+    image = _palette_image(label, palette)
     with atomic_file(path) as f:
         image.save(f, format="PNG")
 
 
-def _palette_image(label: np.ndarray) -> Image.Image:
-    """A mode ``P`` PIL image whose pixel values are ``label`` (uint8) with the VOC palette attached."""
+def _palette_image(label: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
+    """A mode ``P`` PIL image whose pixel values are ``label`` (uint8) with ``palette`` (default VOC's)."""
     label = np.ascontiguousarray(label, dtype=np.uint8)
     image = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
-    image.putpalette(voc_palette().reshape(-1).tolist())
+    image.putpalette((voc_palette() if palette is None else np.asarray(palette, np.uint8)).reshape(-1).tolist())
     return image

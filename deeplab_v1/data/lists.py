@@ -31,11 +31,14 @@ class Sample:
         id: the image id (file stem, e.g. ``2007_000033``); names every per-image output.
         image: the JPEG (or PNG) path.
         label: the label PNG path, or None for unlabelled (test) images.
+        label_map: how the label file's values become class indices (``io.label_lut``): None (as stored),
+            ``cityscapes`` (labelIds -> trainIds) or ``ignore:<n>`` (value n read as 255).
     """
 
     id: str
     image: Path
     label: Path | None
+    label_map: str | None = None
 
 
 def _lines(list_file: Path) -> list[tuple[int, list[str]]]:

@@ -16,6 +16,8 @@ Finished images are kept. The stage runs on rank 0 alone (``distributed.DISTRIBU
 
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from crf.parallel import CRFTask, run_backend, run_crf_many
 from ..atomic import atomic_write_json
 from ..context import RunContext, StageError
 from ..data.io import read_image, write_label
+from ..data.layouts import png_palette
 from ..engine.inference import ScoreMap
 
 #: The file in ``predictions/crf/`` that names the backend and device its images were made with.
@@ -68,7 +71,9 @@ def crf_backend(ctx: RunContext, caches: list[Path]) -> BackendChoice:
                 with np.load(cache, allow_pickle=False) as z:
                     shapes.append((ctx.cfg.model.num_classes, int(z["height"]), int(z["width"])))
             except (OSError, ValueError, KeyError) as exc:
-                raise StageError(f"crf: score cache {cache} is unreadable ({exc}); run the test stage again "
+                why = (f"no {exc} in it" if isinstance(exc, KeyError) else
+                       "not an .npz archive" if "pickle" in str(exc) else str(exc))  # numpy's hint must not be followed
+                raise StageError(f"crf: score cache {cache} is unreadable ({why}); run the test stage again "
                                  "(--redo test)") from exc
     return run_backend(c.backend, c.device, shapes, memory_mb=c.memory_mb)
 
@@ -116,13 +121,15 @@ def run(ctx: RunContext) -> dict:
             raise StageError(f"crf: no cached scores for {s.id} ({cache}); run the test stage first")
         tasks.append(CRFTask(str(cache), str(ctx.layout.prediction("crf", s.id)), image=str(s.image)))
     c = ctx.cfg.crf
+    colours = png_palette(ctx.cfg.data)  # the dataset's colours (None: VOC's)
     choice = crf_backend(ctx, [Path(t.inputs) for t in tasks])
     _same_backend_only(ctx, choice)
     ctx.log.info(f"crf: {len(tasks)} images, params {params.to_dict()} from {origin}, backend {choice.backend} "
                  f"on {choice.device} ({choice.reason})")
     summary = run_crf_many(
         tasks, params, workers=c.workers, backend=choice.backend, device=choice.device, progress=ctx.progress,
-        load=crf_inputs, write=write_label, memory_mb=c.memory_mb,
+        load=crf_inputs, write=write_label if colours is None else functools.partial(write_label, palette=colours),
+        memory_mb=c.memory_mb,
     )
     mean = summary.crf_seconds / summary.done if summary.done else 0.0
     ctx.log.info(summary.line())

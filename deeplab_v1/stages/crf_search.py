@@ -50,14 +50,15 @@ def choose_subset(ids: list[str], count: int, seed: int) -> list[str]:
 
 
 def make_search_input(path: Path, image_path: Path, label_path: Path, scores_path: Path, num_classes: int,
-                      trimap_width: int | None) -> None:
+                      trimap_width: int | None, *, band_kind: str = "void", label_map: str | None = None) -> None:
     """One search input file (``crf.input_files.write_search_input``): ``image`` (H, W, 3) uint8 RGB,
-    ``probs`` (C, H, W) float16 (softmax of the upsampled scores), ``label`` (H, W) uint8 and, if
-    ``trimap_width`` is given, ``band`` (H, W) bool."""
+    ``probs`` (C, H, W) float16 (softmax of the upsampled scores), ``label`` (H, W) uint8 (read through
+    ``label_map``, ``data.io.label_lut``) and, if ``trimap_width`` is given, ``band`` (H, W) bool: the
+    ``crf.trimap`` band of kind ``band_kind`` (``data.trimap_band``)."""
     image = read_image(image_path)[:, :, ::-1]
-    label = read_label(label_path, num_classes)
+    label = read_label(label_path, num_classes, label_map)
     probs = ScoreMap.load(scores_path).probabilities().astype(np.float16)
-    band = trimap_band(label, trimap_width) if trimap_width is not None else None
+    band = trimap_band(label, trimap_width, band=band_kind) if trimap_width is not None else None
     write_search_input(path, image, probs, label, band)
 
 
@@ -104,7 +105,8 @@ def run(ctx: RunContext) -> dict:
             raise StageError(f"crf_search: no cached scores for {i} ({scores}); run the test stage first")
         f = ctx.layout.search_input(i)
         if not f.is_file():
-            make_search_input(f, samples[i].image, samples[i].label, scores, cfg.model.num_classes, width)
+            make_search_input(f, samples[i].image, samples[i].label, scores, cfg.model.num_classes, width,
+                              band_kind=cfg.data.trimap_band, label_map=samples[i].label_map)
         files.append(f)
     diagnostic = cfg.test.score_source != "network"
     search = dataclasses.replace(

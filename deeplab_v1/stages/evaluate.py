@@ -1,5 +1,5 @@
 """The ``evaluate`` stage: the VOC protocol (one confusion matrix over the split, 255 ignored) and the
-trimap (paper Fig. 5), DCNN vs DCNN-CRF, then ``report.md``.
+trimap (paper Fig. 5; its band is ``data.trimap_band``), DCNN vs DCNN-CRF, then ``report.md``.
 
 Reads: ``predictions/dcnn/``, ``predictions/crf/`` (when the CRF ran), the test labels. Writes:
 ``metrics.json``, ``trimap.json``, ``trimap.png`` and, through ``stages.report``, ``report.md`` and
@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..atomic import atomic_write_json
 from ..context import RunContext, StageError
 from ..data.io import read_label
+from ..data.layouts import class_names
 from ..evaluation.metrics import ConfusionAccumulator
 from ..evaluation.plots import plot_trimap
 from ..evaluation.trimap import TrimapAccumulator
@@ -51,21 +52,23 @@ def run(ctx: RunContext) -> dict:
                              f"(e.g. {missing[0]}); rebuild them with `deeplab {stage} EXPERIMENT --redo` or "
                              f"`deeplab run EXPERIMENT --redo {stage}`")
     conf = {k: ConfusionAccumulator(n) for k in methods}
-    tri = {k: TrimapAccumulator(widths, n) for k in methods}
+    tri = {k: TrimapAccumulator(widths, n, band=cfg.data.trimap_band) for k in methods}
     for s in tqdm(samples, desc="evaluate", disable=not ctx.progress, dynamic_ncols=True):
-        gt = read_label(s.label, n)
+        gt = read_label(s.label, n, s.label_map)
         for k, folder in methods.items():
             pred = read_label(folder / f"{s.id}.png", n)
             conf[k].update(gt, pred)
             tri[k].update(gt, pred)
     metrics = {k: conf[k].metrics(json_safe=True) for k in methods}
     metrics["images"] = len(samples)
+    metrics["class_names"] = class_names(cfg.data, n)
     metrics["score_source"] = cfg.test.score_source
     atomic_write_json(ctx.layout.metrics, metrics)
     trimap = {k: tri[k].result() for k in methods}
     atomic_write_json(ctx.layout.trimap, {**trimap, "score_source": cfg.test.score_source})
     diag = " (diagnostic degraded-GT scores)" if cfg.test.score_source != "network" else ""
     plot_trimap({METHODS[k] + diag: v for k, v in trimap.items()}, ctx.layout.trimap_plot,
-                title=f"{'DIAGNOSTIC degraded-GT scores: ' if diag else ''}{cfg.name}: trimap (paper Fig. 5)")
+                title=f"{'DIAGNOSTIC degraded-GT scores: ' if diag else ''}{cfg.name}: trimap, "
+                      f"{cfg.data.trimap_band} band (paper Fig. 5)")
     report.write_report(ctx, metrics, trimap)
     return {k: (None if metrics[k]["miou"] is None else round(metrics[k]["miou"], 6)) for k in methods}

@@ -23,8 +23,9 @@ from crf.trimap import trimap_band
 from ..atomic import atomic_write_text
 from ..config import ExperimentConfig
 from ..context import RunContext
-from ..data.io import VOC_CLASSES, read_image, read_label
-from ..figures import class_names, qualitative_figure, search_heatmap, trimap_figure
+from ..data.io import read_image, read_label
+from ..data.layouts import class_names, palette
+from ..figures import qualitative_figure, search_heatmap, trimap_figure
 
 #: Paper Table 1 (VOC 2012 val, trained on train_aug), mIoU % without / with the CRF.
 PAPER_TABLE1: dict[str, tuple[float, float]] = {
@@ -134,14 +135,17 @@ def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
         lines.append(f"| paper Table 1 (full VOC12 val, train_aug) | {a:.2f} / {b:.2f} with CRF | | |")
     lines += ["", "## Per-class IoU %", "", "| class | " + " | ".join(names[k] for k in ("dcnn", "crf") if k in metrics) + " |",
               "|---|" + "---|" * sum(k in metrics for k in ("dcnn", "crf"))]
-    for i, cls in enumerate(VOC_CLASSES[: cfg.model.num_classes]):
+    for i, cls in enumerate(class_names(cfg.data, cfg.model.num_classes)):
         vals = [percent(metrics[k]["per_class_iou"][i]) for k in ("dcnn", "crf") if k in metrics]
         lines.append(f"| {cls} | " + " | ".join(vals) + " |")
     if trimap:
         first = next(iter(trimap.values()))
         widths = first["widths"]
         rows = [w for w in _TRIMAP_ROWS if w in widths] or widths
+        around = {"void": "void outlines", "boundary": "label changes"}[cfg.data.trimap_band]
         lines += ["", "## Trimap (accuracy within a band of w pixels around object boundaries; paper Fig. 5)", "",
+                  f"The band: the labelled pixels within w pixels of the {around} (data.trimap_band: "
+                  f"{cfg.data.trimap_band}).", "",
                   "| width px | " + " | ".join(f"{names[k]} pixel acc. % | {names[k]} mIoU %" for k in trimap) + " |",
                   "|---|" + "---|---|" * len(trimap)]
         for w in rows:
@@ -171,7 +175,7 @@ def _figures(ctx: RunContext, trimap: dict) -> list[str]:
         what = (f"where the CRF gained most (top) and lost most (bottom) within {QUALITATIVE_BAND} px of a boundary"
                 if with_crf else "the images with the most object pixels")
         qualitative_figure(rows, folder / "qualitative.png", title=f"{diag_head}{what}" if diag_head else what[:1].upper() + what[1:],
-                           names=class_names(ctx.cfg.model.num_classes))
+                           names=class_names(ctx.cfg.data, ctx.cfg.model.num_classes), palette=palette(ctx.cfg.data))
         lines += [f"Paper Fig. 4 style: image, ground truth, DCNN, DCNN-CRF; {what} (pixel accuracy in the "
                   "trimap band, paper Fig. 5); the colour key names the classes shown.", "",
                   "![qualitative](figures/qualitative.png)", ""]
@@ -229,11 +233,11 @@ def qualitative_rows(ctx: RunContext, per_end: int = QUALITATIVE_ROWS, band: int
     n = ctx.cfg.model.num_classes
     measured = []
     for s in samples:
-        gt = read_label(s.label, n)
+        gt = read_label(s.label, n, s.label_map)
         dcnn = read_label(ctx.layout.prediction("dcnn", s.id), n)
         crf_path = ctx.layout.prediction("crf", s.id)
         crf = read_label(crf_path, n) if crf_path.is_file() else None
-        in_band = trimap_band(gt, band)
+        in_band = trimap_band(gt, band, band=ctx.cfg.data.trimap_band)
         acc = {}
         for name, pred in (("dcnn", dcnn), ("crf", crf)):
             if pred is not None and in_band.any():

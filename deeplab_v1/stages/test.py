@@ -25,6 +25,7 @@ from .. import distributed
 from ..context import RunContext, StageError
 from ..models import release_spec
 from ..data.io import read_label, write_label
+from ..data.layouts import png_palette
 from ..data.lists import Sample
 from ..data.loader import collate_list, default_workers, loader_kwargs
 from ..engine.inference import (BackgroundWriter, ScoreMap, ViewDataset, combine_views, forward_views,
@@ -33,10 +34,11 @@ from ..engine.precision import maybe_compile, set_tf32, to_memory_format
 from .network import trained_model
 
 
-def write_outputs(sm: ScoreMap, cache, png) -> None:
-    """One image's score cache and DCNN prediction (the arg-max of the float32 upsampled scores)."""
+def write_outputs(sm: ScoreMap, cache, png, palette=None) -> None:
+    """One image's score cache and DCNN prediction (the arg-max of the float32 upsampled scores; a PNG
+    coloured with ``palette``, ``data.layouts.palette``)."""
     sm.save(cache)
-    write_label(png, label_from_scores(sm.upsampled()))
+    write_label(png, label_from_scores(sm.upsampled()), palette)
 
 
 def _finished(ctx: RunContext, s: Sample) -> bool:
@@ -69,6 +71,7 @@ def run(ctx: RunContext) -> dict:
     layout.scores.mkdir(parents=True, exist_ok=True)
     layout.predictions("dcnn").mkdir(parents=True, exist_ok=True)
     todo = [s for s in distributed.shard(samples, ctx.dist) if not _finished(ctx, s)]
+    colours = png_palette(ctx.cfg.data)  # the dataset's colours (None: VOC's)
     size = t.size
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="test", disable=not ctx.progress, dynamic_ncols=True)
@@ -94,7 +97,7 @@ def run(ctx: RunContext) -> dict:
                     s = todo[index]
                     sm = _check(combine_views(vs, scores[k:k + len(vs)], h, w, stride, offset), s)
                     k += len(vs)
-                    writer.submit(write_outputs, sm, layout.score_cache(s.id), layout.prediction("dcnn", s.id))
+                    writer.submit(write_outputs, sm, layout.score_cache(s.id), layout.prediction("dcnn", s.id), colours)
                 bar.update(len(batch))
             del loader
         else:
@@ -102,10 +105,10 @@ def run(ctx: RunContext) -> dict:
 
             ctx.log.info("score source: DIAGNOSTIC degraded ground truth (no network is run)")
             for s in todo:
-                label = read_label(s.label, ctx.cfg.model.num_classes)
+                label = read_label(s.label, ctx.cfg.model.num_classes, s.label_map)
                 sc = degraded_scores(label, ctx.cfg.model.num_classes, seed=ctx.cfg.seed)
                 sm = ScoreMap(sc, 8, label.shape[0], label.shape[1], source="degraded-gt")
-                writer.submit(write_outputs, sm, layout.score_cache(s.id), layout.prediction("dcnn", s.id))
+                writer.submit(write_outputs, sm, layout.score_cache(s.id), layout.prediction("dcnn", s.id), colours)
                 bar.update(1)
     bar.close()
     done = int(distributed.all_sum(len(todo)))
