@@ -18,7 +18,7 @@ import numpy as np
 from .errors import CRFInputError
 
 __all__ = ["confusion", "confusion_stack", "per_class_iou", "miou", "pixel_accuracy", "per_class_accuracy",
-           "mean_accuracy"]
+           "mean_accuracy", "percent"]
 
 #: How the two label maps are named in error messages, unless the caller names them otherwise.
 NAMES = ("gt", "pred")
@@ -167,3 +167,9 @@ def pixel_accuracy(conf: np.ndarray) -> float:
     c = _check_matrix(conf)
     total = c.sum()
     return float(np.trace(c) / total) if total > 0 else float("nan")
+
+
+def percent(score: float | None) -> str:
+    """A score in 0..1 as the reports print it: percent with two decimals (``0.6225`` -> ``"62.25"``), or
+    ``"n/a"`` for None (a score that was not computed)."""
+    return "n/a" if score is None else f"{100 * score:.2f}"

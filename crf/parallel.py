@@ -31,12 +31,8 @@ from .params import CRFParams
 from .pool import default_workers, make_executor, resolve_workers, worker_threads
 from .errors import CRFInputError, CRFTaskError
 
-__all__ = ["CRFTask", "CRFRunSummary", "load_crf_input", "load_sample", "write_label_atomic", "run_crf_many",
+__all__ = ["CRFTask", "CRFRunSummary", "load_crf_input", "write_label_atomic", "run_crf_many",
            "resolve_workers", "make_executor", "run_backend"]
-
-#: Former name of :func:`crf.input_files.load_crf_input` (the CRF input file was called a "sample file").
-load_sample = load_crf_input
-
 
 def run_backend(backend: str, device: str, shapes: Iterable[Sequence[int]], *, memory_mb: float | None = None,
                 configs: int = 1) -> BackendChoice:
@@ -69,7 +65,7 @@ def run_backend(backend: str, device: str, shapes: Iterable[Sequence[int]], *, m
     return choice
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class CRFTask:
     """One CRF job: read ``inputs`` (a CRF input file, ``.npz`` with keys ``image`` and ``probs``), write
     ``out``.
@@ -79,33 +75,18 @@ class CRFTask:
     for callers whose own ``load`` hook (see :func:`run_crf_many`) reads the image from a file of its
     own, ``inputs`` then naming whatever holds their scores.
 
-    Construction: ``CRFTask(inputs, out, image=None)``, positionally or by keyword. The field was called
-    ``sample``: ``CRFTask(sample=..., out=...)`` and ``task.sample`` still work (deprecated names).
+    Raises:
+        CRFInputError: ``out`` ends in neither ``.png`` nor ``.npy``.
     """
 
     inputs: str | os.PathLike
     out: str | os.PathLike
     image: str | os.PathLike | None = None
 
-    def __init__(self, inputs: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-                 image: str | os.PathLike | None = None, *, sample: str | os.PathLike | None = None) -> None:
-        if sample is not None:
-            if inputs is not None:
-                raise TypeError("CRFTask takes inputs or its former name sample, not both")
-            inputs = sample
-        if inputs is None or out is None:
-            raise TypeError("CRFTask needs inputs (the CRF input file) and out (the label file)")
-        object.__setattr__(self, "inputs", inputs)
-        object.__setattr__(self, "out", out)
-        object.__setattr__(self, "image", image)
+    def __post_init__(self) -> None:
         suffix = Path(self.out).suffix.lower()
         if suffix not in (".png", ".npy"):
             raise CRFInputError(f"CRFTask.out must end in .png or .npy, got {str(self.out)!r}")
-
-    @property
-    def sample(self) -> str | os.PathLike:
-        """Former name of :attr:`inputs`."""
-        return self.inputs
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,16 @@ def _check_params(params: object, name: str = "params") -> CRFParams:
     return params
 
 
+def _params_list(params: CRFParams | Sequence[CRFParams], name: str) -> list[CRFParams]:
+    """``[params]`` when ``name`` is ``"params"`` (one configuration), else the K >= 1 entries of the grid
+    ``name`` (each checked, named by index)."""
+    if name == "params":
+        return [_check_params(params)]
+    if isinstance(params, CRFParams) or len(params) == 0:
+        raise CRFInputError(f"{name} must be a non-empty sequence of CRFParams")
+    return [_check_params(p, f"{name}[{i}]") for i, p in enumerate(params)]
+
+
 #: Gaussian (smoothness) lattices depend only on the image size and sigma_gamma, not on the image:
 #: the last few are kept (with their normalisation) for the calls that follow, e.g. the grid search's
 #: groups of one image, or images of one size. Their bytes count against each call's ``memory_mb``.
@@ -356,6 +366,48 @@ def _prepare(image: np.ndarray, probs: np.ndarray, device: torch.device) -> tupl
     return image_t, unary.reshape(probs.shape[0], -1)
 
 
+def _dense_crf_numpy(
+    images: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray],
+    params: CRFParams | Sequence[CRFParams],
+    device: str | torch.device,
+    memory_mb: float,
+    labels_only: bool,
+    *,
+    params_name: str = "params_list",
+    checked: bool = False,
+    name_entries: bool = True,
+) -> list[np.ndarray]:
+    """The one batched numpy entry every public one wraps: check, prepare, run, split.
+
+    B images (sizes may differ) x K configurations (``params``, checked under ``params_name``, see
+    :func:`_params_list`) through :func:`_run_configs`; an input error names ``images[b]/probs[b]`` when
+    ``name_entries``. Returns B arrays: float32 ``(K, C, H_b, W_b)`` marginals, or int64 ``(K, H_b, W_b)``
+    labels with ``labels_only``. Raises as the public entries say."""
+    if len(images) != len(probs) or len(images) == 0:
+        raise CRFInputError(f"images and probs must be non-empty and of equal length, got {len(images)} and {len(probs)}")
+    if not checked:
+        pairs = [_checked(image, prob, f"images[{b}]/probs[{b}]" if name_entries else "")
+                 for b, (image, prob) in enumerate(zip(images, probs))]
+        images, probs = [c[0] for c in pairs], [c[1] for c in pairs]
+    for b, prob in enumerate(probs):
+        if prob.shape[0] != probs[0].shape[0]:
+            raise CRFInputError(f"probs[{b}] has C={prob.shape[0]} labels, probs[0] has C={probs[0].shape[0]}")
+    params_list = _params_list(params, params_name)
+    dev = resolve_device(device)
+    prepared = [_prepare(image, prob, dev) for image, prob in zip(images, probs)]
+    unary = torch.cat([u for _, u in prepared], dim=1).unsqueeze(0)
+    with torch.no_grad():
+        q = _run_configs([im for im, _ in prepared], unary, params_list, memory_mb, labels_only=labels_only)
+    results, start = [], 0
+    for prob in probs:
+        size = prob.shape[1] * prob.shape[2]
+        part = q[:, start : start + size] if labels_only else q[:, :, start : start + size]
+        results.append(part.reshape(len(params_list), *(prob.shape[1:] if labels_only else prob.shape)).cpu().numpy())
+        start += size
+    return results
+
+
 def dense_crf_torch(
     image: np.ndarray, probs: np.ndarray, params: CRFParams, device: str | torch.device = "cpu", *, memory_mb: float = DEFAULT_MEMORY_MB
 ) -> np.ndarray:
@@ -412,16 +464,7 @@ def dense_crf_torch_grid(
             or an entry that is not a CRFParams (named by index).
         RuntimeError: ``device`` is CUDA and CUDA is not available.
     """
-    image, probs = _checked(image, probs)
-    if isinstance(params_list, CRFParams) or len(params_list) == 0:
-        raise CRFInputError("params_list must be a non-empty sequence of CRFParams")
-    params_list = [_check_params(p, f"params_list[{i}]") for i, p in enumerate(params_list)]
-    dev = resolve_device(device)
-    image_t, unary = _prepare(image, probs, dev)
-    with torch.no_grad():
-        q = _run_configs([image_t], unary.unsqueeze(0), params_list, memory_mb, labels_only=labels_only)
-    shape = probs.shape[1:] if labels_only else probs.shape
-    return q.reshape(len(params_list), *shape).cpu().numpy()
+    return _dense_crf_numpy([image], [probs], params_list, device, memory_mb, labels_only, name_entries=False)[0]
 
 
 def dense_crf_torch_grid_batch(
@@ -452,28 +495,7 @@ def dense_crf_torch_grid_batch(
         CRFInputError (a ValueError): different lengths, an empty batch or grid, a different C, a bad entry.
         RuntimeError: CUDA requested but not available.
     """
-    if len(images) != len(probs) or len(images) == 0:
-        raise CRFInputError(f"images and probs must be non-empty and of equal length, got {len(images)} and {len(probs)}")
-    if not checked:
-        pairs = [_checked(image, prob, f"images[{b}]/probs[{b}]") for b, (image, prob) in enumerate(zip(images, probs))]
-        images, probs = [c[0] for c in pairs], [c[1] for c in pairs]
-    for b, prob in enumerate(probs):
-        if prob.shape[0] != probs[0].shape[0]:
-            raise CRFInputError(f"probs[{b}] has C={prob.shape[0]} labels, probs[0] has C={probs[0].shape[0]}")
-    if isinstance(params_list, CRFParams) or len(params_list) == 0:
-        raise CRFInputError("params_list must be a non-empty sequence of CRFParams")
-    params_list = [_check_params(p, f"params_list[{i}]") for i, p in enumerate(params_list)]
-    dev = resolve_device(device)
-    prepared = [_prepare(image, prob, dev) for image, prob in zip(images, probs)]
-    unary = torch.cat([u for _, u in prepared], dim=1).unsqueeze(0)
-    with torch.no_grad():
-        labels = _run_configs([im for im, _ in prepared], unary, params_list, memory_mb, labels_only=True)
-    results, start = [], 0
-    for prob in probs:
-        size = prob.shape[1] * prob.shape[2]
-        results.append(labels[:, start : start + size].reshape(len(params_list), *prob.shape[1:]).cpu().numpy())
-        start += size
-    return results
+    return _dense_crf_numpy(images, probs, params_list, device, memory_mb, True, checked=checked)
 
 
 def dense_crf_torch_batch(
@@ -502,26 +524,7 @@ def dense_crf_torch_batch(
         CRFInputError (a ValueError): different lengths, an empty batch, a different C, or a bad entry (named
             ``images[b]`` / ``probs[b]``). RuntimeError: CUDA requested but not available.
     """
-    if len(images) != len(probs) or len(images) == 0:
-        raise CRFInputError(f"images and probs must be non-empty and of equal length, got {len(images)} and {len(probs)}")
-    checked = [_checked(image, prob, f"images[{b}]/probs[{b}]") for b, (image, prob) in enumerate(zip(images, probs))]
-    images, probs = [c[0] for c in checked], [c[1] for c in checked]
-    for b, prob in enumerate(probs):
-        if prob.shape[0] != probs[0].shape[0]:
-            raise CRFInputError(f"probs[{b}] has C={prob.shape[0]} labels, probs[0] has C={probs[0].shape[0]}")
-    _check_params(params)
-    dev = resolve_device(device)
-    prepared = [_prepare(image, prob, dev) for image, prob in zip(images, probs)]
-    unary = torch.cat([u for _, u in prepared], dim=1).unsqueeze(0)
-    with torch.no_grad():
-        q = _run_configs([im for im, _ in prepared], unary, [params], memory_mb, labels_only=labels_only)[0]
-    results, start = [], 0
-    for prob in probs:
-        size = prob.shape[1] * prob.shape[2]
-        part = q[start : start + size] if labels_only else q[:, start : start + size]
-        results.append(part.reshape(prob.shape[1:] if labels_only else prob.shape).cpu().numpy())
-        start += size
-    return results
+    return [r[0] for r in _dense_crf_numpy(images, probs, params, device, memory_mb, labels_only, params_name="params")]
 
 
 def dense_crf_tensor(

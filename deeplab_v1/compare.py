@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from crf.confusion import percent
+
 from .atomic import atomic_write_text
 from .errors import DeepLabError
 from .figures import class_names, trimap_figure
@@ -79,10 +81,6 @@ def _labels(run_dirs: Sequence[Path]) -> list[str]:
     return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(run_dirs, names)]
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}"
-
-
 def _at(curve: dict, key: str, width: int):
     widths = curve.get("widths", [])
     return curve[key][widths.index(width)] if width in widths else None
@@ -101,18 +99,18 @@ def compare_table(runs: Sequence[RunResult], widths: Sequence[int] = TRIMAP_WIDT
         lines.append(f"| {name} | " + " | ".join(values) + " |")
 
     for key, name in (("miou", "**mIoU**"), ("pixel_accuracy", "pixel accuracy"), ("mean_accuracy", "mean accuracy")):
-        row(name, [_pct(r.metrics[k].get(key)) for r, k in cols])
+        row(name, [percent(r.metrics[k].get(key)) for r, k in cols])
     measured = sorted({w for r in runs for k in r.methods for w in r.trimap.get(k, {}).get("widths", [])})
     for key, name in (("pixel_accuracy", "trimap pixel acc."), ("miou", "trimap mIoU")):
         for w in (w for w in widths if w in measured):
-            row(f"{name}, {w} px", [_pct(_at(r.trimap.get(k, {}), key, w)) for r, k in cols])
+            row(f"{name}, {w} px", [percent(_at(r.trimap.get(k, {}), key, w)) for r, k in cols])
     n = max(len(r.metrics[k].get("per_class_iou", [])) for r, k in cols)
     named = [r.metrics["class_names"] for r in runs if len(r.metrics.get("class_names") or []) == n]
     for i, cls in enumerate(named[0] if named else class_names(n)):  # the dataset's names (data.class_names)
         values = []
         for r, k in cols:
             per_class = r.metrics[k].get("per_class_iou", [])
-            values.append(_pct(per_class[i]) if i < len(per_class) else "n/a")
+            values.append(percent(per_class[i]) if i < len(per_class) else "n/a")
         if any(v != "n/a" for v in values):  # a class in no run's images nor predictions has no IoU anywhere
             row(f"IoU {cls}", values)
     return "\n".join(lines) + "\n"

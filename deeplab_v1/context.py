@@ -19,7 +19,6 @@ from .data.lists import Sample
 from .distributed import DistInfo, init_from_env
 from .errors import DeepLabError
 from .layout import RunLayout
-from .models.vgg import SPECS, VGGDeepLabSpec
 from .process import configure_process
 
 
@@ -88,16 +87,6 @@ class RunContext:
         log = run_logger(layout, info.rank)
         configure_process(log.info)  # the run decides the process-wide settings, once, logged
         return cls(cfg, layout, log, device, progress and info.is_main, info)
-
-    @property
-    def v1_spec(self) -> Optional[VGGDeepLabSpec]:
-        """The DeepLab v1 variant's hyper-parameters, or None for the v3/v3+ models."""
-        return SPECS.get(self.cfg.model.name)
-
-    @property
-    def is_v1(self) -> bool:
-        """A DeepLab v1 (VGG-16) model, as opposed to the v3/v3+ variants."""
-        return self.v1_spec is not None
 
     def test_samples(self) -> list[Sample]:
         """The test list (labels required when they are evaluated or feed the degraded-GT scores); read

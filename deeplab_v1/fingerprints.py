@@ -27,6 +27,7 @@ from crf.parallel import run_backend
 from PIL import Image
 
 from .config import ExperimentConfig, to_dict
+from .context import RunContext
 from .data.lists import Sample
 from .stages.crf_search import choose_subset
 from .weights.checkpoint import file_sha256
@@ -204,3 +205,21 @@ def fingerprint(inputs: dict[str, Any], upstream: dict[str, Optional[str]]) -> s
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The keys whose value differs between two ``stage_inputs`` (added and removed ones included)."""
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def stage_fingerprint(ctx: RunContext, stage: str) -> tuple[str, dict]:
+    """(fingerprint, inputs) of ``stage`` in ``ctx``'s run now: its config keys and files
+    (:func:`stage_inputs`), the size and mtime of the data files it reads (:func:`data_stamp`), the
+    backend it would resolve (:func:`backend_inputs`) and the fingerprints recorded by the stages it reads
+    from (``UPSTREAM``)."""
+    config = to_dict(ctx.cfg)
+    inputs = stage_inputs(stage, config)
+    for split, fields in stage_data(stage, config):  # the data files it reads: size and mtime
+        if split == "train" and ctx.cfg.train.iterations == 0:
+            continue  # no training: the list is not read
+        samples = ctx.train_samples() if split == "train" else ctx.test_samples()
+        for f in fields:
+            inputs[f"data.{split}_{f}s#files"] = data_stamp(getattr(x, f) for x in samples)
+    inputs.update(backend_inputs(stage, ctx.cfg, ctx.test_samples()))
+    upstream = {u: (ctx.layout.read_record(u) or {}).get("fingerprint") for u in UPSTREAM[stage]}
+    return fingerprint(inputs, upstream), inputs

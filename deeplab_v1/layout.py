@@ -149,9 +149,6 @@ class RunLayout:
         return self.root / "report.md"
 
     # ---------------------------------------------------------------------------------------- records
-    def is_done(self, stage: str) -> bool:
-        return self.record(stage).is_file()
-
     def write_record(self, stage: str, seconds: float, details: dict) -> None:
         """Write ``stages/<stage>.json`` atomically: ``{"stage", "seconds", **details}``."""
         atomic_write_json(self.record(stage), {"stage": stage, "seconds": round(seconds, 3), **details})

@@ -30,9 +30,8 @@ from .atomic import atomic_write_json, atomic_write_text
 from .config import ExperimentConfig
 from .context import RunContext, StageError
 from .data.check import check_samples, check_void_band
-from .data.lists import Sample
 from .distributed import DISTRIBUTED_STAGES, RankError, barrier, on_main
-from .fingerprints import UPSTREAM, backend_inputs, changed_keys, data_stamp, fingerprint, stage_data, stage_inputs
+from .fingerprints import changed_keys, stage_fingerprint
 from .layout import STAGES
 from .run_lock import run_lock
 from .stages import STAGE_RUNNERS
@@ -80,10 +79,6 @@ class Runner:
         self.cfg, self.layout, self.log = cfg, self.ctx.layout, self.ctx.log
         self.dir = self.layout.root
 
-    def test_samples(self) -> list[Sample]:
-        """The experiment's test list (see ``RunContext.test_samples``)."""
-        return self.ctx.test_samples()
-
     def check_inputs(self) -> None:
         """Before any long work: the data lists (every file present), then every image decodable and every
         label readable, of its image's size, with values in 0..num_classes-1 or 255
@@ -106,21 +101,6 @@ class Runner:
         search = "crf_search" in self.cfg.stages and s.enabled and s.search.objective == "trimap_miou"
         if self.cfg.data.trimap_band == "void" and ("evaluate" in self.cfg.stages or search):
             check_void_band(self.ctx.test_samples(), self.cfg.model.num_classes)
-
-    def fingerprint(self, stage: str) -> tuple[str, dict]:
-        """(fingerprint, inputs) of ``stage`` now: its config keys and files, and the fingerprints recorded
-        by the stages it reads from."""
-        config = config_mod.to_dict(self.cfg)
-        inputs = stage_inputs(stage, config)
-        for split, fields in stage_data(stage, config):  # the data files it reads: size and mtime
-            if split == "train" and self.cfg.train.iterations == 0:
-                continue  # no training: the list is not read
-            samples = self.ctx.train_samples() if split == "train" else self.ctx.test_samples()
-            for f in fields:
-                inputs[f"data.{split}_{f}s#files"] = data_stamp(getattr(x, f) for x in samples)
-        inputs.update(backend_inputs(stage, self.cfg, self.ctx.test_samples()))
-        upstream = {u: (self.layout.read_record(u) or {}).get("fingerprint") for u in UPSTREAM[stage]}
-        return fingerprint(inputs, upstream), inputs
 
     def run(self, stages: Optional[list[str]] = None) -> dict:
         """Run ``stages`` (default: the config's), skipping finished ones whose fingerprint is unchanged.
@@ -170,7 +150,7 @@ class Runner:
 
     def _begin(self, stage: str) -> Optional[tuple[str, dict]]:
         """(fingerprint, inputs) of a stage to run, its stale outputs cleared; None when it is done."""
-        fp, inputs = self.fingerprint(stage)
+        fp, inputs = stage_fingerprint(self.ctx, stage)
         rec = self.layout.read_record(stage)
         gone = self._gone_outputs(stage, rec, fp)
         stale = rec is not None and stage in self._stale

@@ -1,6 +1,8 @@
 """The house rules, checked on the source: no import cycle between project modules (module-level,
 function-level and importlib imports all count), ``crf`` imports nothing of ``deeplab_v1``, nothing but
-the CLI imports the runner, and no source file over 600 lines."""
+the CLI imports the runner, the rooms of docs/architecture.md (a model imports no data pipeline, engine,
+stage or run machinery; the run context knows no particular network; the stages ask the model, not its
+name), and no source file over 600 lines."""
 
 from __future__ import annotations
 
@@ -73,16 +75,14 @@ def test_no_import_cycle():
         visit(m, [])
 
 
-def test_the_graph_sees_function_level_imports():
-    """The check would catch a lazy import (the kind that used to hide cycles)."""
+def test_the_graph_sees_function_level_imports(tmp_path):
+    """The check would catch a lazy import (the kind that used to hide cycles); the probe module is read
+    from a temporary folder under the name ``crf._probe``, so the source tree is never written."""
     src = REPO / "crf" / "params.py"
     assert "crf.dense" not in _imports("crf.params", src, {"crf.dense", "crf.params"})
-    fake = REPO / "crf" / "_probe.py"
-    try:
-        fake.write_text("def f():\n    from .dense import dense_crf\n    import importlib\n    importlib.import_module('crf.params')\n")
-        found = _imports("crf._probe", fake, {"crf.dense", "crf.params", "crf._probe"})
-    finally:
-        fake.unlink()
+    fake = tmp_path / "_probe.py"
+    fake.write_text("def f():\n    from .dense import dense_crf\n    import importlib\n    importlib.import_module('crf.params')\n")
+    found = _imports("crf._probe", fake, {"crf.dense", "crf.params", "crf._probe"})
     assert found == {"crf.dense", "crf.params"}
 
 
@@ -96,6 +96,45 @@ def test_nothing_but_the_cli_imports_the_runner():
     graph = _graph()
     users = sorted(m for m, deps in graph.items() if "deeplab_v1.runner" in deps)
     assert users == ["deeplab_v1.cli"]
+
+
+#: What a network may not know: the data pipeline, the training / inference engine, the stages, the
+#: run's context, configuration, folder layout and runner (docs/architecture.md, "Rooms").
+MODEL_FORBIDDEN = ("deeplab_v1.data", "deeplab_v1.engine", "deeplab_v1.stages", "deeplab_v1.context",
+                   "deeplab_v1.config", "deeplab_v1.layout", "deeplab_v1.runner", "deeplab_v1.evaluation")
+
+
+def test_a_model_imports_no_data_pipeline_or_engine():
+    graph = _graph()
+    bad = {m: sorted(n for n in deps if n.startswith(MODEL_FORBIDDEN))
+           for m, deps in graph.items() if m.startswith("deeplab_v1.models")}
+    assert not any(bad.values()), {m: d for m, d in bad.items() if d}
+
+
+def test_the_context_knows_no_particular_network():
+    """``RunContext`` serves every model alike: what a network needs is asked of ``deeplab_v1.models``
+    by the stages that build it."""
+    deps = _graph()["deeplab_v1.context"]
+    assert not sorted(n for n in deps if n.startswith("deeplab_v1.models"))
+
+
+def _name_tests(path: Path) -> list[str]:
+    """``"..." in <...>.name`` (or ``not in``) tests in a file: a stage guessing a model's kind from its name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) and isinstance(node.left.value, str):
+            for op, right in zip(node.ops, node.comparators):
+                if isinstance(op, (ast.In, ast.NotIn)) and ast.unparse(right).endswith("model.name"):
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_stages_ask_the_model_not_its_name(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('if "xception" in ctx.cfg.model.name:\n    pass\n')
+    assert _name_tests(probe) == ['probe.py:1: \'xception\' in ctx.cfg.model.name']  # the check sees one
+    found = [hit for p in sorted((REPO / "deeplab_v1" / "stages").glob("*.py")) for hit in _name_tests(p)]
+    assert not found, found
 
 
 def test_no_source_file_over_600_lines():

@@ -8,7 +8,7 @@ from PIL import Image
 
 from crf import CRFParams, dense_crf, scores_to_probs
 from crf.input_files import write_crf_input
-from crf.parallel import CRFTask, load_crf_input, load_sample, run_crf_many
+from crf.parallel import CRFTask, load_crf_input, run_crf_many
 
 PARAMS = CRFParams(w1=10.0, sigma_alpha=20.0, sigma_beta=10.0)
 
@@ -175,17 +175,6 @@ def test_run_crf_many_in_process_and_in_workers_agree_and_resume(tmp_path):
     (tmp_path / "one" / "img1.png").unlink()
     s3 = run_crf_many(one, PARAMS, workers=1, progress=False)
     assert (s3.done, s3.skipped) == (1, 2)
-
-
-def test_former_names_of_the_crf_input_file_still_work(tmp_path):
-    """``load_sample`` and ``CRFTask(sample=...)`` / ``task.sample`` are the former names (deprecated)."""
-    (inputs,) = _write_crf_inputs(tmp_path, n=1)
-    assert load_sample is load_crf_input
-    by_keyword = CRFTask(sample=str(inputs), out=str(tmp_path / "a.png"), image="x.jpg")
-    assert by_keyword == CRFTask(str(inputs), str(tmp_path / "a.png"), "x.jpg")
-    assert by_keyword.inputs == by_keyword.sample == str(inputs)
-    with pytest.raises(TypeError, match="not both"):
-        CRFTask(inputs, tmp_path / "a.png", sample=inputs)
 
 
 def test_run_crf_many_errors_name_the_file(tmp_path):

@@ -26,8 +26,13 @@ def test_profile_steps_times_every_step_and_only_inside_the_block():
     assert set(times.seconds) == set(StepTimes.STEPS)
     assert all(times.seconds[k] > 0 and times.calls[k] > 0 for k in StepTimes.STEPS)
     assert sum(times.seconds.values()) <= wall
-    # 10 iterations: the first filters softmax(-U) once (shared), then 9 x 2 kernels splat and blur
-    assert times.calls["splat"] == times.calls["blur"] == 2 + 9 * 2 and times.calls["slice"] == 10
+    # what matters, not the schedule: every splat is blurred, and the counts follow the work (fewer
+    # mean-field iterations, fewer filterings)
+    assert times.calls["splat"] == times.calls["blur"] >= times.calls["slice"] > 0
+    with profile_steps() as short:
+        dense_crf_torch_grid(image, probs, [CRFParams(5, 10, 3, iterations=3), CRFParams(10, 10, 3, iterations=3)],
+                             labels_only=True)
+    assert 0 < short.calls["splat"] < times.calls["splat"] and 0 < short.calls["slice"] < times.calls["slice"]
     before = dict(times.seconds)
     dense_crf_torch_grid(image, probs, configs, labels_only=True)
     assert times.seconds == before  # nothing is counted outside the block

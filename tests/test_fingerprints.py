@@ -45,7 +45,7 @@ def test_a_fixed_label_redoes_the_diagnostic_test_stage(tmp_path):
     root, out = _copy_sample(tmp_path), tmp_path / "run"
     runner = _demo(out, root, "crf.backend=pydensecrf")
     first = _mtimes(out)
-    sample = runner.test_samples()[0]
+    sample = runner.ctx.test_samples()[0]
     dcnn = out / "predictions" / "dcnn" / f"{sample.id}.png"
     label = read_label(sample.label, 21)
     assert (read_label(dcnn, 21)[:40, :40] != 7).any()

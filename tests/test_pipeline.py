@@ -131,7 +131,8 @@ def test_batched_test_equals_one_image_at_a_time(largefov, scales, flip):
 
 
 def test_the_test_stage_batched_with_workers_writes_the_one_at_a_time_files(tmp_path):
-    common = ["train.iterations=0", "stages=[train, test]", "data.max_test_images=3", "test.size=97"]
+    common = ["train.iterations=0", "stages=[train, test]", "data.max_test_images=3", "test.size=97",
+              "model.name=tiny-test"]
     from deeplab_v1.runner import Runner
 
     outs = {}
@@ -249,7 +250,7 @@ def test_tensorboard_logs_loss_lr_and_predictions(tmp_path):
 
     cfg = load_config(DEFAULT, ["train.iterations=2", "train.batch_size=1", "train.crop_size=81", "train.log_every=1",
                                 "train.checkpoint_every=2", "train.tensorboard=true", "stages=[train]",
-                                f"output_dir={tmp_path}"])
+                                "model.name=tiny-test", f"output_dir={tmp_path}"])
     Runner(cfg, progress=False).run()
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events
@@ -274,7 +275,7 @@ def test_tensorboard_missing_is_a_one_line_error_naming_the_key(tmp_path, monkey
 
 
 @pytest.mark.cuda
-def test_cuda_batched_bf16_inference_and_pinned_loader():
+def test_cuda_batched_bf16_inference_matches_float32_on_the_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ from deeplab_v1.runner import Runner, StageError, run_lock
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "experiments" / "default.yaml"
 TINY = ["train.iterations=2", "train.batch_size=1", "train.crop_size=81", "train.checkpoint_every=1",
-        "data.max_test_images=2", "test.size=97", "stages=[train, test]"]
+        "data.max_test_images=2", "test.size=97", "stages=[train, test]",
+        "model.name=tiny-test"]  # the pipeline, not the network: a few convolutions (deeplab_v1.models.tiny)
 
 
 def _run(out: Path, *extra: str) -> Runner:
@@ -53,7 +54,7 @@ def test_a_changed_key_redoes_the_stages_that_depend_on_it(tmp_path):
 def test_partial_outputs_of_other_inputs_are_not_reused(tmp_path):
     out = tmp_path / "run"
     runner = _run(out)
-    sid = runner.test_samples()[0].id
+    sid = runner.ctx.test_samples()[0].id
     (out / "stages" / "test.json").unlink()  # as if killed during test, under other inputs
     (out / "stages" / "test.started.json").write_text(json.dumps({"fingerprint": "0" * 64}))
     stale = out / "scores" / f"{sid}.npz"
@@ -66,7 +67,7 @@ def test_partial_outputs_of_other_inputs_are_not_reused(tmp_path):
 def test_truncated_cache_kept_by_an_unfinished_test_stage_is_recomputed(tmp_path):
     out = tmp_path / "run"
     runner = _run(out)
-    sid = runner.test_samples()[0].id
+    sid = runner.ctx.test_samples()[0].id
     cache = out / "scores" / f"{sid}.npz"
     good = cache.read_bytes()
     (out / "stages" / "test.json").unlink()  # killed after this image, before the record
@@ -244,7 +245,7 @@ def test_a_failed_crf_task_is_a_one_line_error(tmp_path, capsys):
     """A damaged score cache met by the crf stage: `deeplab: error:` naming the file, exit 2."""
     out = tmp_path / "run"
     runner = _run(out)
-    sid = runner.test_samples()[0].id
+    sid = runner.ctx.test_samples()[0].id
     (out / "scores" / f"{sid}.npz").write_bytes(b"not an npz")
     args = ["crf", str(DEFAULT), "--no-progress", "--redo"]
     for o in TINY + [f"output_dir={out}", "crf.workers=1"]:
@@ -277,7 +278,7 @@ def test_a_fixed_label_redoes_the_stages_that_read_labels(tmp_path):
     first = _mtimes(out)
     (sample_file,) = (out / "crf_search" / "samples").glob("*.npz")
     sid = sample_file.stem
-    label_path = next(s.label for s in runner.test_samples() if s.id == sid)
+    label_path = next(s.label for s in runner.ctx.test_samples() if s.id == sid)
     built = sample_file.stat().st_mtime_ns
     label = read_label(label_path, 21)
     label[:5, :5] = 0  # the user fixes a few pixels
@@ -311,7 +312,7 @@ def test_a_damaged_model_init_is_a_one_line_error(damage, tmp_path, capsys):
         init.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     out = tmp_path / "run"
     args = ["run", str(DEFAULT), "--no-progress", "--set", f"model.init={init}"]
-    for o in TINY + [f"output_dir={out}"]:
+    for o in TINY + [f"output_dir={out}", "model.name=deeplab-largefov"]:
         args += ["--set", o]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -24,6 +24,7 @@ QUICK = [
     "data.max_test_images=3",
     "crf_search.w1=[4]", "crf_search.sigma_alpha=[50]", "crf_search.sigma_beta=[3, 5]", "crf_search.rounds=0",
     "crf.workers=2", "crf_search.workers=1",
+    "model.name=tiny-test",  # the pipeline, not the network: a few convolutions (deeplab_v1.models.tiny)
 ]
 
 
@@ -43,7 +44,7 @@ def test_run_writes_every_output(quick_run):
               "trimap.json", "trimap.png", "report.md", "crf_search/best.json", "crf_search/ranked.md",
               "crf_search/heatmap.png", "crf_search/results.jsonl"):
         assert (d / f).is_file(), f
-    ids = [s.id for s in runner.test_samples()]
+    ids = [s.id for s in runner.ctx.test_samples()]
     assert len(ids) == 3
     for i in ids:
         assert (d / "scores" / f"{i}.npz").is_file()
@@ -166,7 +167,7 @@ def test_v3_models_train_and_evaluate_through_the_runner(name, tmp_path):
     metrics = Runner(cfg, progress=False).run()
     assert set(metrics) >= {"dcnn"} and "crf" not in metrics and metrics["images"] == 1
     assert json.loads((tmp_path / "stages" / "train.json").read_text())["iterations"] == 1
-    sm = np.load(tmp_path / "scores" / f"{Runner(cfg, progress=False).test_samples()[0].id}.npz")
+    sm = np.load(tmp_path / "scores" / f"{Runner(cfg, progress=False).ctx.test_samples()[0].id}.npz")
     assert int(sm["stride"]) == (4 if "plus" in name else 8)  # evaluated at output_stride 8 (v3+: decoder, 4)
 
 
@@ -188,7 +189,7 @@ def test_experiment_runs_from_a_converted_init(tmp_path):
                                     "train.iterations=0", "data.max_test_images=1", "crf.enabled=false"])
         runner = Runner(cfg, progress=False)
         runner.run()
-        sample = runner.test_samples()[0]
+        sample = runner.ctx.test_samples()[0]
         scores[init] = np.load(out / "scores" / f"{sample.id}.npz")["scores"]
         assert init in json.loads((out / "stages" / "train.json").read_text())["init"]
     assert np.array_equal(scores["train_iter_6000.caffemodel"], scores["largefov.pth"])

@@ -33,7 +33,7 @@ from .store import append_records, finite_or_none
 from ..errors import CRFTaskError
 
 __all__ = ["set_cache_budget", "clear_cache", "cached_search_input", "evaluate_task", "lattice_groups",
-           "default_budget", "image_order", "Evaluator"]
+           "default_cache_bytes", "image_order", "Evaluator"]
 
 # ---------------------------------------------------------------------------------------------------
 # worker side: cached search input files, one (group of configurations, image) task
@@ -165,8 +165,11 @@ def lattice_groups(configs: list[CRFParams]) -> list[tuple[CRFParams, ...]]:
     return [tuple(g) for g in out.values()]
 
 
-def default_budget(workers_on_machine: int) -> int:
-    """Half the physical memory, shared among the worker processes of the machine (bytes each)."""
+def default_cache_bytes(workers_on_machine: int) -> int:
+    """The search's input-file cache per worker process when ``cache_mb`` is not set, bytes: half the
+    physical memory shared among the worker processes of the machine. A cache of the search's input
+    files (it changes no result), not the CRF's working-memory budget
+    (``crf.backend_choice.default_memory_mb``, MiB, capped, which picks the backend)."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -230,7 +233,7 @@ class Evaluator:
             # the file cache is this process's memory: its budget never changes a result, so each rank sizes
             # its own (the plan fixes only what decides the work split and the CRF's arithmetic)
             budget = (int(config.cache_mb * 2**20) if config.cache_mb is not None
-                      else default_budget(self.workers * local))
+                      else default_cache_bytes(self.workers * local))
             if self.in_process:
                 self.executor = InlineExecutor()
                 set_cache_budget(budget)

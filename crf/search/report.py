@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..confusion import percent
 from ..errors import CRFInputError
 from ..params import CRFParams
 from .config import SearchConfig, param_key
@@ -32,10 +33,6 @@ def best_of(records: dict[tuple, dict], keys: Sequence[tuple]) -> CRFParams:
     """The best configuration among ``records[k]`` for ``k`` in ``keys``."""
     best = min((records[k] for k in keys), key=rank_key)
     return CRFParams.from_dict(best["params"])
-
-
-def _fmt_pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}"
 
 
 def ranked_rows(records: dict[tuple, dict], round_of: dict[tuple, int]) -> list[dict]:
@@ -72,7 +69,7 @@ def ranked_markdown(rows: list[dict], key: dict, images: int, callable_objective
         obj = r["objective"]
         obj_s = "n/a" if obj is None else (f"{obj:.6g}" if callable_objective else f"{100 * obj:.2f}")
         lines.append(f"| {r['rank']} | {r['w1']:g} | {r['sigma_alpha']:g} | {r['sigma_beta']:g} | {obj_s} | "
-                     f"{_fmt_pct(r['miou'])} | {_fmt_pct(r['pixel_accuracy'])} | {r['round']} | {r['images']} |")
+                     f"{percent(r['miou'])} | {percent(r['pixel_accuracy'])} | {r['round']} | {r['images']} |")
     return "\n".join(lines) + "\n"
 
 

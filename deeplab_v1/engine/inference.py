@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from ..atomic import atomic_write_bytes
 from ..data.io import read_image
-from ..data.transforms import MEAN_BGR, image_to_tensor, pad_to
+from ..data.transforms import image_to_tensor, pad_to
 from .precision import autocast
 
 
@@ -102,6 +102,11 @@ class ScoreMap:
     def upsampled(self) -> torch.Tensor:
         """(C, height, width) float32 scores at image resolution."""
         return upsample_scores(self.scores, self.stride, self.height, self.width, self.offset)
+
+    def probabilities(self) -> np.ndarray:
+        """(C, height, width) float32 class probabilities: the softmax over classes of :meth:`upsampled`
+        (the CRF's unary input, as the release's test net feeds its DenseCRF layer)."""
+        return torch.softmax(self.upsampled(), 0).numpy()
 
     def save(self, path: Path) -> None:
         """Write as ``.npz`` atomically: float16 scores, or float32 where a score exceeds float16's range
@@ -374,6 +379,3 @@ def label_from_scores(scores: torch.Tensor) -> np.ndarray:
     return scores.argmax(0).to(torch.uint8).numpy()
 
 
-def mean_bgr() -> tuple[float, float, float]:
-    """The release's mean colour (B, G, R)."""
-    return tuple(MEAN_BGR)  # type: ignore[return-value]

@@ -1,15 +1,18 @@
-"""Networks by name: the DeepLab v1 VGG-16 variants and (optionally) the DeepLab v3/v3+ heads.
+"""Networks by name: the DeepLab v1 VGG-16 variants, (optionally) the DeepLab v3/v3+ heads, and
+``tiny-test`` (a few convolutions with the same interface, for pipeline tests).
 
-``build_model(name, num_classes=21, **options)`` is the one entry point; ``MODEL_NAMES`` lists the names.
+``build_model(name, num_classes=21, **options)`` is the one entry point; ``MODEL_NAMES`` lists the names;
+``release_spec(name)`` gives a v1 variant's release hyper-parameters (crop, test size).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torch import nn
 
-from . import vgg
+from . import tiny, vgg
+from .vgg import VGGDeepLabSpec
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = dict(vgg.BUILDERS)
 try:  # DeepLab v3/v3+ (ResNet / Xception backbones); optional module of the same pipeline
@@ -18,6 +21,7 @@ try:  # DeepLab v3/v3+ (ResNet / Xception backbones); optional module of the sam
     _BUILDERS.update(_v3.BUILDERS)
 except ImportError:  # pragma: no cover - present in the full package
     pass
+_BUILDERS.update(tiny.BUILDERS)  # last: the names of the paper's models come first in messages
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -27,7 +31,7 @@ def build_model(name: str, num_classes: int = 21, **options: Any) -> nn.Module:
 
     Args:
         name: one of ``MODEL_NAMES``: ``deeplab``, ``deeplab-7x7``, ``deeplab-4x4``, ``deeplab-largefov``,
-            ``deeplab-msc``, ``deeplab-msc-largefov`` (v1, VGG-16) and the v3/v3+ names.
+            ``deeplab-msc``, ``deeplab-msc-largefov`` (v1, VGG-16), the v3/v3+ names and ``tiny-test``.
         num_classes: output channels of the classifier (21 for PASCAL VOC).
         **options: variant options (v3/v3+: ``output_stride``, ``multi_grid``, ``separable``, ``root``).
 
@@ -44,4 +48,10 @@ def build_model(name: str, num_classes: int = 21, **options: Any) -> nn.Module:
     return _BUILDERS[name](num_classes=num_classes, **options)
 
 
-__all__ = ["MODEL_NAMES", "build_model"]
+def release_spec(name: str) -> Optional[VGGDeepLabSpec]:
+    """The DeepLab v1 variant's hyper-parameters (``models.vgg.SPECS``: training crop, test size, label
+    shrink), or None for the models that have no Caffe release (v3/v3+, ``tiny-test``)."""
+    return vgg.SPECS.get(name)
+
+
+__all__ = ["MODEL_NAMES", "build_model", "release_spec"]

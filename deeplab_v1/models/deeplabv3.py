@@ -36,18 +36,19 @@ Every model has ``output_stride`` (stride of the returned logits), ``encoder_out
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..data.transforms import MEAN_BGR, TORCHVISION_MEAN_RGB, TORCHVISION_STD_RGB
+from ..pixel_means import MEAN_BGR, TORCHVISION_MEAN_RGB, TORCHVISION_STD_RGB
 from .aspp import ASPP, BN_MOMENTUM, aspp_rates, init_conv_bn
 from .decoder import Decoder
-from .resnet import ResNetBackbone
+from .resnet import ResNetBackbone, load_resnet_checkpoint
 from .xception import XceptionBackbone
 
-#: The pipeline's mean (B, G, R), 0..255: ``deeplab_v1.data.transforms.MEAN_BGR`` under the name this
+#: The pipeline's mean (B, G, R), 0..255: ``deeplab_v1.pixel_means.MEAN_BGR`` under the name this
 #: module has always exported.
 CAFFE_MEAN_BGR = MEAN_BGR
 INPUT_SPACES: tuple[str, ...] = ("caffe", "torchvision", "inception")
@@ -149,6 +150,18 @@ class _DeepLabV3Base(nn.Module):
         self.backbone.set_output_stride(output_stride)
         if self.aspp is not None:
             self.aspp.set_rates(rates)
+
+    def load_imagenet_backbone(self, path: str | os.PathLike) -> str:
+        """Load an ImageNet checkpoint in the common PyTorch layout into the backbone (the heads keep their
+        initialisation); returns a one-line report for the run's record.
+
+        Raises:
+            NotImplementedError: a backbone whose ImageNet checkpoints cannot be loaded yet (Xception-65).
+            FileNotFoundError, ValueError: see ``models.resnet.load_resnet_checkpoint``.
+        """
+        if not isinstance(self.backbone, ResNetBackbone):
+            raise NotImplementedError("ImageNet Xception-65 checkpoints cannot be loaded yet")
+        return f"ImageNet ResNet backbone: {load_resnet_checkpoint(self.backbone, path)}"
 
     def freeze_bn(self, flag: bool = True) -> None:
         """Freeze (``flag=True``) or unfreeze every BN layer: eval mode (running mean / variance fixed) and

@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from crf import CRFParams
 from crf.backend_choice import BackendChoice
@@ -43,7 +42,7 @@ def crf_inputs(task: CRFTask) -> tuple[np.ndarray, np.ndarray]:
     """A CRF worker's inputs (``task.inputs`` names the score cache): the image (BGR file -> RGB for the bilateral kernel) and the softmax of the
     cached scores upsampled as Caffe's INTERP does."""
     image = read_image(task.image)[:, :, ::-1].copy()
-    probs = torch.softmax(ScoreMap.load(Path(task.inputs)).upsampled(), 0).numpy()
+    probs = ScoreMap.load(Path(task.inputs)).probabilities()
     return image, probs
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from crf.input_files import write_search_input
 from crf.search import Distributed, run_search
@@ -58,7 +57,7 @@ def make_search_input(path: Path, image_path: Path, label_path: Path, scores_pat
     ``crf.trimap`` band of kind ``band_kind`` (``data.trimap_band``)."""
     image = read_image(image_path)[:, :, ::-1]
     label = read_label(label_path, num_classes, label_map)
-    probs = torch.softmax(ScoreMap.load(scores_path).upsampled(), 0).numpy().astype(np.float16)
+    probs = ScoreMap.load(scores_path).probabilities().astype(np.float16)
     band = trimap_band(label, trimap_width, band=band_kind) if trimap_width is not None else None
     write_search_input(path, image, probs, label, band)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..context import RunContext, StageError
-from ..models import build_model
+from ..models import build_model, release_spec
 from ..weights.checkpoint import checkpoint_state_dict, file_sha256, load_checkpoint, read_checkpoint
 from ..weights.loading import load_init
 
@@ -36,7 +36,7 @@ def initial_model(ctx: RunContext) -> tuple[torch.nn.Module, str]:
     init = ctx.cfg.model.init
     if init is None:
         return model, "random weights (no init given)"
-    if ctx.is_v1:
+    if release_spec(ctx.cfg.model.name) is not None:  # a v1 variant: the Caffe release's formats
         report = load_init(model, ctx.cfg.model.name, init, num_classes=ctx.cfg.model.num_classes)
     else:
         report = _init_v3(ctx, model, init)
@@ -54,12 +54,14 @@ def _init_v3(ctx: RunContext, model: torch.nn.Module, path: Path) -> str:
     if isinstance(inner, dict):
         model.load_state_dict(inner)
         return "whole model from a checkpoint of ours"
-    if "xception" in ctx.cfg.model.name:
-        raise StageError(f"model.init: {path} is not a checkpoint of ours, and ImageNet Xception-65 checkpoints "
-                         "cannot be loaded yet; train from our checkpoint or set model.init: null")
-    from ..models.resnet import load_resnet_checkpoint
-
-    return f"ImageNet ResNet backbone: {load_resnet_checkpoint(model.backbone, path)}"
+    load_backbone = getattr(model, "load_imagenet_backbone", None)  # the model says what it can load
+    try:
+        if load_backbone is None:
+            raise NotImplementedError(f"{ctx.cfg.model.name} has no ImageNet backbone to load")
+        return load_backbone(path)
+    except NotImplementedError as exc:
+        raise StageError(f"model.init: {path} is not a checkpoint of ours, and {exc}; "
+                         "train from our checkpoint or set model.init: null") from exc
 
 
 def trained_model(ctx: RunContext) -> torch.nn.Module:
@@ -71,6 +73,6 @@ def trained_model(ctx: RunContext) -> torch.nn.Module:
         model.load_state_dict(load_checkpoint(final)["state_dict"])
     else:
         model, _ = initial_model(ctx)
-    if ctx.cfg.test.output_stride and not ctx.is_v1:
+    if ctx.cfg.test.output_stride and release_spec(ctx.cfg.model.name) is None:
         model.set_output_stride(ctx.cfg.test.output_stride)
     return model.to(ctx.device).eval()

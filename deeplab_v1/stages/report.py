@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from crf.confusion import percent
 from crf.trimap import trimap_band
 
 from ..atomic import atomic_write_text
@@ -45,10 +46,6 @@ QUALITATIVE_ROWS = 2
 QUALITATIVE_BAND = 5
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}"
-
-
 def headline(cfg: ExperimentConfig, metrics: Optional[dict] = None) -> str:
     """One sentence: what this run is, what its numbers mean, and where the paper's numbers come from.
 
@@ -60,8 +57,8 @@ def headline(cfg: ExperimentConfig, metrics: Optional[dict] = None) -> str:
         metrics = json.loads((cfg.run_dir / "metrics.json").read_text(encoding="utf-8"))
     numbers = ""
     if metrics and "dcnn" in metrics:
-        numbers = f"DCNN {_pct(metrics['dcnn']['miou'])} %"
-        numbers += f", DCNN-CRF {_pct(metrics['crf']['miou'])} % mIoU" if "crf" in metrics else " mIoU"
+        numbers = f"DCNN {percent(metrics['dcnn']['miou'])} %"
+        numbers += f", DCNN-CRF {percent(metrics['crf']['miou'])} % mIoU" if "crf" in metrics else " mIoU"
     measured = f" (here: {numbers})" if numbers else ""
     paper = PAPER_TABLE1.get(cfg.model.name, PAPER_TABLE1["deeplab-largefov"])
     paper_name = cfg.model.name if cfg.model.name in PAPER_TABLE1 else "deeplab-largefov"
@@ -90,7 +87,7 @@ def _band_gain(path: Path, width: int) -> str:
         a, b = tri["dcnn"]["pixel_accuracy"][i], tri["crf"]["pixel_accuracy"][i]
     except (OSError, ValueError, KeyError, TypeError):
         return ""
-    return "" if a is None or b is None else f"; within {width} px of a boundary, pixel accuracy {_pct(a)} -> {_pct(b)} %"
+    return "" if a is None or b is None else f"; within {width} px of a boundary, pixel accuracy {percent(a)} -> {percent(b)} %"
 
 
 def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
@@ -132,14 +129,14 @@ def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
     for k in ("dcnn", "crf"):
         if k in metrics:
             m = metrics[k]
-            lines.append(f"| {names[k]} | {_pct(m['miou'])} | {_pct(m['pixel_accuracy'])} | {_pct(m.get('mean_accuracy'))} |")
+            lines.append(f"| {names[k]} | {percent(m['miou'])} | {percent(m['pixel_accuracy'])} | {percent(m.get('mean_accuracy'))} |")
     if cfg.model.name in PAPER_TABLE1:
         a, b = PAPER_TABLE1[cfg.model.name]
         lines.append(f"| paper Table 1 (full VOC12 val, train_aug) | {a:.2f} / {b:.2f} with CRF | | |")
     lines += ["", "## Per-class IoU %", "", "| class | " + " | ".join(names[k] for k in ("dcnn", "crf") if k in metrics) + " |",
               "|---|" + "---|" * sum(k in metrics for k in ("dcnn", "crf"))]
     for i, cls in enumerate(class_names(cfg.data, cfg.model.num_classes)):
-        vals = [_pct(metrics[k]["per_class_iou"][i]) for k in ("dcnn", "crf") if k in metrics]
+        vals = [percent(metrics[k]["per_class_iou"][i]) for k in ("dcnn", "crf") if k in metrics]
         lines.append(f"| {cls} | " + " | ".join(vals) + " |")
     if trimap:
         first = next(iter(trimap.values()))
@@ -153,7 +150,7 @@ def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
                   "|---|" + "---|---|" * len(trimap)]
         for w in rows:
             i = widths.index(w)
-            cells = " | ".join(f"{_pct(trimap[k]['pixel_accuracy'][i])} | {_pct(trimap[k]['miou'][i])}" for k in trimap)
+            cells = " | ".join(f"{percent(trimap[k]['pixel_accuracy'][i])} | {percent(trimap[k]['miou'][i])}" for k in trimap)
             lines.append(f"| {w} | {cells} |")
         lines += ["", "![trimap](trimap.png)"]
     lines += _figures(ctx, trimap)

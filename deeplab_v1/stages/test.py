@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..context import RunContext, StageError
+from ..models import release_spec
 from ..data.io import read_label, write_label
 from ..data.layouts import png_palette
 from ..data.lists import Sample
@@ -78,7 +79,7 @@ def run(ctx: RunContext) -> dict:
         if source == "network":
             set_tf32(ctx.cfg.tf32, ctx.device)
             model = to_memory_format(trained_model(ctx), t.channels_last)
-            spec = ctx.v1_spec
+            spec = release_spec(ctx.cfg.model.name)
             size = size or (spec.test_size if spec is not None else 513)
             net = maybe_compile(lambda x: run_test_net(model, x), t.compile)
             stride, offset = test_geometry(model)

@@ -11,7 +11,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+from torch import nn
+
 from ..context import RunContext, StageError
+from ..models import release_spec
 from ..engine.checkpoint import save_checkpoint
 from ..engine.precision import set_tf32
 from ..engine.trainer import train
@@ -58,17 +61,17 @@ def run(ctx: RunContext) -> dict:
         if ctx.dist.is_main:
             save_checkpoint(ctx.layout.final_checkpoint, {"state_dict": model.state_dict(), "model": ctx.cfg.model.name})
         return {"init": init_desc, "iterations": 0}
-    spec = ctx.v1_spec
-    if spec is None:  # DeepLab v3/v3+ options
-        if t.output_stride:
-            model.set_output_stride(t.output_stride)
-        if t.batchnorm == "frozen":
-            model.freeze_bn(True)
-        elif t.batch_size < 2:
-            raise StageError("train.batch_size must be >= 2 to fine-tune BatchNorm (image pooling sees one value "
-                             "per channel per image); use a larger batch or train.batchnorm: frozen")
-    elif t.batchnorm == "frozen":
-        raise StageError(f"train.batchnorm: frozen needs a model with BatchNorm; {ctx.cfg.model.name} has none")
+    spec = release_spec(ctx.cfg.model.name)
+    if spec is None and t.output_stride:  # DeepLab v3/v3+: the encoder's stride is an option
+        model.set_output_stride(t.output_stride)
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # ask the model
+    if t.batchnorm == "frozen":
+        if not has_batchnorm:
+            raise StageError(f"train.batchnorm: frozen needs a model with BatchNorm; {ctx.cfg.model.name} has none")
+        model.freeze_bn(True)
+    elif has_batchnorm and t.batch_size < 2:
+        raise StageError("train.batch_size must be >= 2 to fine-tune BatchNorm (image pooling sees one value "
+                         "per channel per image); use a larger batch or train.batchnorm: frozen")
     crop = t.crop_size or (spec.train_crop if spec is not None else 513)
     samples = ctx.train_samples()
     ctx.log.info(f"training {ctx.cfg.model.name} on {len(samples)} images, crop {crop}, {t.iterations} iterations")
