@@ -18,18 +18,12 @@ import cv2
 import numpy as np
 import torch
 
+from ..pixel_means import MEAN_BGR, TORCHVISION_MEAN_RGB, TORCHVISION_STD_RGB
 from .io import IGNORE_LABEL, DataError
 
 __all__ = ["MEAN_BGR", "TORCHVISION_MEAN_RGB", "TORCHVISION_STD_RGB", "pad_to", "random_crop_mirror", "image_to_tensor",
            "shrink_label", "shrunk_size"]
 
-#: The release's per-channel mean (B, G, R), 0..255 (``mean_value`` in the prototxts).
-MEAN_BGR: tuple[float, float, float] = (104.008, 116.669, 122.675)
-#: The ImageNet normalisation of weights in the torchvision layout, (R, G, B), on the 0..1 scale: such
-#: weights expect ``(rgb / 255 - mean) / std``; ``weights.imagenet`` (VGG-16 conv1_1) and
-#: ``models.deeplabv3.InputSpace`` (ResNet / Xception) map this pipeline's input onto it.
-TORCHVISION_MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
-TORCHVISION_STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 def _check_pair(image: np.ndarray, label: np.ndarray | None) -> None:
