@@ -17,7 +17,7 @@ from .config import SearchConfig
 from .dist import Distributed
 from .run import run_search
 
-__all__ = ["DESCRIPTION", "read_list", "torchrun_ranks", "main"]
+__all__ = ["DESCRIPTION", "read_list", "torchrun_ranks", "gloo_ranks", "main"]
 
 DESCRIPTION = "Coarse-to-fine cross-validation of the CRF's bilateral term (DeepLab v1 Sec. 5)."
 
@@ -49,15 +49,28 @@ def torchrun_ranks() -> Iterator[Distributed]:
     started = not dist.is_initialized()
     if started:
         dist.init_process_group("gloo")
+    try:
+        with gloo_ranks(dist.get_rank(), dist.get_world_size(),
+                        int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))) as ranks:
+            yield ranks
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+@contextmanager
+def gloo_ranks(rank: int, world: int, local_world: int) -> Iterator[Distributed]:
+    """The search's ranks in a started job: the default group when it is gloo, else one gloo group made
+    here (the confusion matrices are CPU tensors, which NCCL cannot reduce) and destroyed on leaving. The
+    one place for the entry points (this command line, the pipeline's crf_search stage; issue #20 item 8)."""
+    import torch.distributed as dist
+
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     try:
-        yield Distributed(dist.get_rank(), dist.get_world_size(), group,
-                          int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
+        yield Distributed(rank, world, group, local_world)
     finally:
         if group is not None:
             dist.destroy_process_group(group)
-        if started:
-            dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

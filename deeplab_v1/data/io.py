@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from crf.folders import voc_colours
 from PIL import Image, UnidentifiedImageError
 
 from ..atomic import atomic_file
@@ -54,15 +55,9 @@ def voc_palette() -> np.ndarray:
     bit 2 -> B, then the next three bits one place lower, and so on). Index 255 (void) is (224, 224, 192).
 
     Returns:
-        (256, 3) uint8 RGB.
+        (256, 3) uint8 RGB (``crf.folders.voc_colours``, the one definition).
     """
-    idx = np.arange(256)
-    cmap = np.zeros((256, 3), dtype=np.int64)
-    for shift in range(8):
-        for channel in range(3):
-            bit = (idx >> (3 * shift + channel)) & 1
-            cmap[:, channel] |= bit << (7 - shift)
-    return cmap.astype(np.uint8)
+    return voc_colours()
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -72,14 +72,10 @@ def search_ranks(ctx: RunContext) -> Iterator[Distributed]:
     if not info.active:
         yield Distributed()
         return
-    import torch.distributed as dist
+    from crf.search.cli import gloo_ranks
 
-    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    try:
-        yield Distributed(info.rank, info.world, group, info.local_world)
-    finally:
-        if group is not None:
-            dist.destroy_process_group(group)
+    with gloo_ranks(info.rank, info.world, info.local_world) as ranks:
+        yield ranks
 
 
 def run(ctx: RunContext) -> dict:
