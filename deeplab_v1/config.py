@@ -24,6 +24,7 @@ from crf import CRFParams
 from crf.params import RELEASE_LARGEFOV
 from crf.search import SearchConfig
 
+from .config_crf_rnn import CRFRNNConfig, crf_rnn_problem
 from .errors import DeepLabError
 from .data.layouts import data_problem, resolve_lists
 from .experiment_files import ExperimentFileError, read_experiment
@@ -37,13 +38,11 @@ class ConfigError(DeepLabError, ValueError):
 
 @dataclass
 class ModelConfig:
-    """``model:`` section.
-
-    ``name`` is a ``deeplab_v1.models.build_model`` name. ``init`` is the initial weights: a ``.caffemodel``
-    (release model or ImageNet VGG-16), a checkpoint of ours (``.pth``) or an ImageNet VGG-16 ``.pth`` in the
-    common PyTorch layout; ``null`` starts from random weights (the report says so). ``output_stride``,
+    """``model:`` section. ``name`` is a ``deeplab_v1.models.build_model`` name. ``init`` is the initial weights: a
+    ``.caffemodel`` (release model or ImageNet VGG-16), a checkpoint of ours (``.pth``) or an ImageNet VGG-16 ``.pth`` in
+    the common PyTorch layout; ``null`` starts from random weights (the report says so). ``output_stride``,
     ``multi_grid``, ``separable``, ``root`` are the v3/v3+ options of the same names (left unset for v1).
-    """
+    ``crf_rnn``: the CRF as the net's last layer, trained end to end (``config_crf_rnn.CRFRNNConfig``)."""
 
     name: str = "deeplab-largefov"
     num_classes: int = 21
@@ -52,14 +51,14 @@ class ModelConfig:
     multi_grid: Optional[list[int]] = None
     separable: Optional[bool] = None
     root: Optional[str] = None
+    crf_rnn: CRFRNNConfig = field(default_factory=CRFRNNConfig)
 
     def options(self) -> dict[str, Any]:
-        """The v3/v3+ keyword options that are set (passed to ``build_model``)."""
-        opts = {k: getattr(self, k) for k in ("output_stride", "multi_grid", "separable", "root")}
-        opts = {k: v for k, v in opts.items() if v is not None}
-        if "multi_grid" in opts:
-            opts["multi_grid"] = tuple(opts["multi_grid"])
-        return opts
+        """The keyword options that are set (passed to ``build_model``): v3/v3+ ones, ``crf_rnn`` when enabled."""
+        opts = {k: getattr(self, k) for k in ("output_stride", "separable", "root") if getattr(self, k) is not None}
+        if self.multi_grid is not None:
+            opts["multi_grid"] = tuple(self.multi_grid)
+        return {**opts, **self.crf_rnn.build_options()}
 
 
 @dataclass
@@ -513,7 +512,7 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
         fail("crf_search.num_images", f"must be >= 1, got {s.num_images}")
     if any(w < 1 for w in cfg.evaluation.trimap_widths) or not cfg.evaluation.trimap_widths:
         fail("evaluation.trimap_widths", f"must be positive pixel widths, got {cfg.evaluation.trimap_widths}")
-    problem = data_problem(cfg.data, cfg.model.num_classes, check_paths=check_paths)
+    problem = data_problem(cfg.data, cfg.model.num_classes, check_paths=check_paths) or crf_rnn_problem(cfg.model.crf_rnn)
     if problem:
         fail(*problem)
     if check_paths and cfg.model.init is not None and not cfg.model.init.is_file():

@@ -118,9 +118,10 @@ def stage_inputs(stage: str, config: dict) -> dict[str, Any]:
     """The flattened config keys ``stage`` depends on (``config``: ``config.to_dict`` of the experiment),
     with the digests of the files they name as ``<key>#content``."""
     flat = _flatten(config)
+    off = "model.crf_rnn." if not flat.get("model.crf_rnn.enabled") else None  # a section that is off counts not
     chosen = {k: v for k, v in flat.items() if k not in NEUTRAL_KEYS and any(
         k == p or k.startswith(p + ".") for p in STAGE_KEYS[stage])
-        and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+        and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k]) and not (off and k.startswith(off))}
     for k in FILE_KEYS:
         if k in chosen:
             chosen[f"{k}#content"] = _file_digest(chosen[k])

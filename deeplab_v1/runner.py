@@ -13,6 +13,11 @@ starts from scratch. One run folder has one writer at a time (``deeplab_v1.run_l
 contenders). Under torchrun (``deeplab_v1.distributed``) rank 0 holds the lock, every rank checks its
 share of the data, rank 0 plans each stage and writes its record; every rank runs the
 ``DISTRIBUTED_STAGES``, with a barrier after each.
+
+With ``model.crf_rnn.enabled`` the CRF is a layer of the network, trained with it and run by the test
+stage (CRF-as-RNN, issue #24 item 3): the ``crf_search`` and ``crf`` stages are then skipped whatever
+``crf_search.enabled`` and ``crf.enabled`` say, their records saying why (``CRF_INSIDE_NET``); the report
+and the evaluation see no post-hoc CRF.
 """
 
 from __future__ import annotations
@@ -37,6 +42,15 @@ from .run_lock import run_lock
 from .stages import STAGE_RUNNERS
 
 __all__ = ["Runner", "StageError", "run_lock"]
+
+#: Why a CRF-as-RNN run skips the post-hoc CRF stages (their records' ``reason``; the report prints it).
+CRF_INSIDE_NET = "the CRF is inside the net (CRF-as-RNN, model.crf_rnn)"
+
+
+def _crf_inside_net(ctx: RunContext) -> dict:
+    """The ``crf_search`` / ``crf`` stage of a CRF-as-RNN run: nothing to do."""
+    ctx.log.info(f"{CRF_INSIDE_NET}: the post-hoc CRF stage is skipped")
+    return {"skipped": True, "reason": CRF_INSIDE_NET}
 
 
 def _gather_objects(obj: object) -> list:
@@ -204,7 +218,9 @@ class Runner:
                 continue
             fp, inputs = plan
             t0 = time.perf_counter()
-            details = (STAGE_RUNNERS[stage](self.ctx) or {}) if main or stage in DISTRIBUTED_STAGES else {}
+            inside = self.cfg.model.crf_rnn.enabled and stage in ("crf_search", "crf")
+            work = _crf_inside_net if inside else STAGE_RUNNERS[stage]
+            details = (work(self.ctx) or {}) if main or stage in DISTRIBUTED_STAGES else {}
             seconds = time.perf_counter() - t0
             if not solo:
                 barrier()

@@ -18,11 +18,20 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..models.crf_rnn import CRFasRNN
+
+#: The layer name of a ``CRFasRNN`` model's CRF parameters (``train.lr_mult`` pattern ``crf``).
+CRF_LAYER = "crf"
+
 
 def layer_name_of(model: nn.Module) -> dict[str, str]:
     """Parameter name -> the layer name that ``lr_mult`` patterns match: the Caffe layer name for the v1
     models (``conv1_1``, ``fc8``, ``pool3_ms`` ...; ``DeepLabVGG.caffe_layer_names``), else the module
-    path (``backbone.layer1.0.conv1``, ``aspp.project.0``)."""
+    path (``backbone.layer1.0.conv1``, ``aspp.project.0``). A ``CRFasRNN`` model's network parameters
+    (``dcnn.*``) have the network's own layer names, its CRF parameters (``crf.*``) the name ``crf``."""
+    if isinstance(model, CRFasRNN):
+        inner = {f"dcnn.{k}": v for k, v in layer_name_of(model.dcnn).items()}
+        return {**inner, **{f"crf.{k}": CRF_LAYER for k, _ in model.crf.named_parameters()}}
     out = {name: name.rsplit(".", 1)[0] for name, _ in model.named_parameters()}
     if hasattr(model, "caffe_layer_names"):
         prefix = {id(m): n for n, m in model.named_modules()}
@@ -62,27 +71,38 @@ def caffe_param_groups(
 
     Each group carries ``lr_mult`` so the schedule can rescale it. BatchNorm parameters (v3) count as
     biases (no decay). Parameters with ``requires_grad=False`` are left out.
+
+    A ``CRFasRNN`` model (issue #24 item 3): the network's parameters as above (by their names inside
+    ``dcnn``), the CRF layer's (kernel log-gains, compatibility) in a group of their own, lr x1 by default
+    or the weight multiplier of the ``lr_mult`` pattern that matches ``crf``, never weight decay (decay
+    would pull the compatibility towards 0, not towards its Potts start).
     """
     names = layer_name_of(model)
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
+    wrapped = isinstance(model, CRFasRNN)
+    groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
+    for full, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_bias = name.endswith(".bias") or p.ndim == 1
-        explicit = match_lr_mult(names[name], lr_mult) if lr_mult else None
+        is_crf = wrapped and names[full] == CRF_LAYER
+        # the network's own parameter name, for the classifier rule below
+        name = full[len("dcnn."):] if wrapped and full.startswith("dcnn.") else full
+        is_bias = not is_crf and (name.endswith(".bias") or p.ndim == 1)
+        explicit = match_lr_mult(names[full], lr_mult) if lr_mult else None
         if explicit is not None:
             lr_mult_p = explicit[1] if is_bias else explicit[0]
             if lr_mult_p == 0:
                 p.requires_grad_(False)
                 continue
+        elif is_crf:
+            lr_mult_p = 1.0
         else:
             new_layer = name.startswith(classifier_prefixes) and not name.startswith("backbone")
             lr_mult_p = (2.0 if is_bias else 1.0) * (classifier_lr_mult if new_layer else 1.0)
-        decay_mult = 0.0 if is_bias else 1.0
-        groups.setdefault((lr_mult_p, decay_mult), []).append(p)
+        decay_mult = 0.0 if is_bias or is_crf else 1.0
+        groups.setdefault((lr_mult_p, decay_mult, is_crf), []).append(p)
     return [
         {"params": ps, "lr": base_lr * lr_mult, "lr_mult": lr_mult, "weight_decay": weight_decay * decay_mult}
-        for (lr_mult, decay_mult), ps in sorted(groups.items())
+        for (lr_mult, decay_mult, _), ps in sorted(groups.items())
     ]
 
 

@@ -12,6 +12,10 @@ therefore continues exactly as an uninterrupted one, with any number of loader w
 Several ranks (torchrun): DDP, gradients exchanged once per iteration (``no_sync`` for the first
 ``iter_size - 1`` micro-batches), the logged loss the mean over ranks, rank 0 writes. Checkpoints ``checkpoints/iter_<N>.pth`` are written atomically
 every ``checkpoint_every`` iterations and at the end; ``checkpoints/final.pth`` holds the trained weights.
+
+A model whose scores are at the input's resolution (``full_resolution``: ``models.crf_rnn.CRFasRNN``, the
+CRF inside the net) is trained on the crop's labels as they are (never shrunk, whatever ``label_mode``
+says): the loss is on the refined full-resolution logits (Zheng et al. ICCV 2015).
 """
 
 from __future__ import annotations
@@ -140,9 +144,10 @@ def train(
     device = torch.device(device)
     info = distributed.current()
     s = settings
+    full_resolution = bool(getattr(model, "full_resolution", False))  # the CRF inside the net: crop labels
     dataset = TrainDataset(
         samples, crop_size, mirror=s.mirror, seed=seed,
-        label_shrink=8 if s.label_mode == "shrink" else None, label_pad_beg=label_pad_beg,
+        label_shrink=8 if s.label_mode == "shrink" and not full_resolution else None, label_pad_beg=label_pad_beg,
         num_classes=num_classes, scale_range=tuple(s.scale_range) if s.scale_range else None,
     )
     model.to(device)
@@ -215,7 +220,7 @@ def train(
                 with dropout_keys(model, keys.tolist()), autocast(device, s.precision):
                     out = forward(x)
                 out = out.float()
-                if s.label_mode == "upsample":
+                if s.label_mode == "upsample" and not full_resolution:
                     out = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=True)
                 elif out.shape[-2:] != y.shape[-2:]:
                     raise ValueError(

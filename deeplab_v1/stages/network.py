@@ -2,6 +2,10 @@
 
 Reads: ``model.init`` (a ``.caffemodel``, a checkpoint of ours or an ImageNet backbone);
 ``checkpoints/final.pth`` (``trained_model``).
+
+With ``model.crf_rnn.enabled`` the network is ``models.crf_rnn.CRFasRNN`` (the CRF as its last layer):
+``model.init`` fills its network (``dcnn``) as it fills the plain one and leaves the CRF layer at
+``model.crf_rnn.params``, unless it is a checkpoint of a CRF-as-RNN model (``crf.*`` keys), which fills both.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..context import RunContext, StageError
-from ..models import build_model, release_spec
+from ..models import CRFasRNN, build_model, release_spec
+from ..models.crf_rnn import network_state
 from ..weights.checkpoint import checkpoint_state_dict, file_sha256, load_checkpoint, read_checkpoint
 from ..weights.loading import load_init
 
@@ -36,11 +41,39 @@ def initial_model(ctx: RunContext) -> tuple[torch.nn.Module, str]:
     init = ctx.cfg.model.init
     if init is None:
         return model, "random weights (no init given)"
+    source = f"{init.name} (sha256 {file_sha256(init)[:12]})"
+    net = model.dcnn if isinstance(model, CRFasRNN) else model  # CRF-as-RNN: the network inside
+    if net is not model and _load_crf_rnn_checkpoint(model, init):
+        return model, f"{source}: whole CRF-as-RNN model (network and CRF layer) from a checkpoint of ours"
     if release_spec(ctx.cfg.model.name) is not None:  # a v1 variant: the Caffe release's formats
-        report = load_init(model, ctx.cfg.model.name, init, num_classes=ctx.cfg.model.num_classes)
+        report = load_init(net, ctx.cfg.model.name, init, num_classes=ctx.cfg.model.num_classes)
     else:
-        report = _init_v3(ctx, model, init)
-    return model, f"{init.name} (sha256 {file_sha256(init)[:12]}): {report}"
+        report = _init_v3(ctx, net, init)
+    layer = "; CRF layer at its initial parameters (model.crf_rnn.params)" if net is not model else ""
+    return model, f"{source}: {report}{layer}"
+
+
+def _load_crf_rnn_checkpoint(model: CRFasRNN, path: Path) -> bool:
+    """Load ``path`` into the whole ``model`` when it is a checkpoint of a CRF-as-RNN model (its state dict
+    has ``crf.*`` keys); False (nothing loaded) for any other file, which then initialises the network alone.
+
+    Raises:
+        StageError: a CRF-as-RNN checkpoint that does not fit the model (names the file and the keys).
+    """
+    if path.suffix.lower() == ".caffemodel":
+        return False
+    try:
+        inner = checkpoint_state_dict(read_checkpoint(path))
+    except ValueError:
+        return False  # not a torch file: the network's loaders say what it is
+    if not isinstance(inner, dict) or not any(str(k).startswith("crf.") for k in inner):
+        return False
+    try:
+        model.load_state_dict(inner)
+    except RuntimeError as exc:
+        raise StageError(f"model.init: {path} is a CRF-as-RNN checkpoint that does not fit "
+                         f"{type(model.dcnn).__name__} with this layer: {str(exc).splitlines()[0]}") from exc
+    return True
 
 
 def _init_v3(ctx: RunContext, model: torch.nn.Module, path: Path) -> str:
@@ -52,7 +85,7 @@ def _init_v3(ctx: RunContext, model: torch.nn.Module, path: Path) -> str:
         raise StageError(f"model.init: cannot read {path}: {exc}") from exc
     inner = checkpoint_state_dict(state)
     if isinstance(inner, dict):
-        model.load_state_dict(inner)
+        model.load_state_dict(network_state(inner))
         return "whole model from a checkpoint of ours"
     load_backbone = getattr(model, "load_imagenet_backbone", None)  # the model says what it can load
     try:

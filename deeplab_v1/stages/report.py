@@ -116,6 +116,10 @@ def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
     rec = layout.read_record("crf")
     if rec is not None and not rec.get("skipped"):
         lines.append(f"- CRF: {rec['params']} (from {rec['params_from']}), backend {cfg.crf.backend}")
+    elif rec is not None and rec.get("reason"):  # CRF-as-RNN: the DCNN row is the net with its CRF layer
+        layer = (train_rec or {}).get("crf_layer") or {}
+        lines.append(f"- CRF: {rec['reason']}; the DCNN row is the net with it (trained: w1 {layer.get('w1')}, w2 "
+                     f"{layer.get('w2')}; the compatibility in stages/train.json)")
     best = layout.read_best()
     if best is not None:
         params = layout.best_params().to_dict()

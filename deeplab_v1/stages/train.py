@@ -3,7 +3,8 @@
 Reads: ``model.init``; the training list. Writes: ``checkpoints/iter_<N>.pth`` (resumable),
 ``checkpoints/final.pth`` (the trained weights; with ``train.iterations: 0`` the initial ones);
 ``tensorboard/`` (``train.tensorboard``: loss, lr, predictions). Under torchrun every rank trains (DDP)
-and rank 0 writes.
+and rank 0 writes. A CRF-as-RNN model (``model.crf_rnn``) trains its CRF layer with the network; the record
+keeps the layer's trained values (``crf_layer``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Iterator, Optional
 from torch import nn
 
 from ..context import RunContext, StageError
-from ..models import release_spec
+from ..models import CRFasRNN, release_spec
 from ..engine.checkpoint import save_checkpoint
 from ..engine.precision import set_tf32
 from ..engine.trainer import train
@@ -60,7 +61,7 @@ def run(ctx: RunContext) -> dict:
         ctx.log.info("train.iterations is 0: testing the initial weights")
         if ctx.dist.is_main:
             save_checkpoint(ctx.layout.final_checkpoint, {"state_dict": model.state_dict(), "model": ctx.cfg.model.name})
-        return {"init": init_desc, "iterations": 0}
+        return {"init": init_desc, "iterations": 0, **crf_layer_record(model)}
     spec = release_spec(ctx.cfg.model.name)
     if spec is None and t.output_stride:  # DeepLab v3/v3+: the encoder's stride is an option
         model.set_output_stride(t.output_stride)
@@ -86,4 +87,15 @@ def run(ctx: RunContext) -> dict:
         )
     return {"init": init_desc, "iterations": result.iterations, "resumed_from": result.resumed_from,
             "final_loss": result.final_loss, "images": len(samples), "world_size": ctx.dist.world,
-            "global_batch": t.batch_size * t.iter_size * ctx.dist.world}
+            "global_batch": t.batch_size * t.iter_size * ctx.dist.world, **crf_layer_record(model)}
+
+
+def crf_layer_record(model: nn.Module) -> dict:
+    """``{"crf_layer": {w1, w2, compatibility (C x C rows)}}``: the CRF layer's values of a CRF-as-RNN model
+    (``model.crf_rnn``) for the stage record and the report; ``{}`` for a plain network."""
+    if not isinstance(model, CRFasRNN):
+        return {}
+    layer = model.crf
+    params = layer.current_params()
+    return {"crf_layer": {"w1": round(params.w1, 6), "w2": round(params.w2, 6), "learn": list(layer.learn),
+                          "compatibility": [[round(float(v), 6) for v in row] for row in layer.compatibility().detach().cpu()]}}

@@ -10,7 +10,8 @@ Sources accepted (``load_init`` tells them apart by content, not by name):
 - an ImageNet VGG-16 state dict in the common PyTorch layout (``features.0.weight`` ...; see
   ``deeplab_v1.weights.imagenet``);
 - a checkpoint of ours: ``{"state_dict": ...}`` (written by ``convert_caffemodel`` or at the end of
-  training) or ``{"model_state": ...}`` (the trainer's resumable checkpoints), or a bare state dict.
+  training) or ``{"model_state": ...}`` (the trainer's resumable checkpoints), or a bare state dict; of a
+  CRF-as-RNN model (``dcnn.*``, ``crf.*``), its network part.
 
 How layers are matched, and when a source counts as an ImageNet classifier: ``deeplab_v1.weights.mapping``.
 """
@@ -23,6 +24,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from ..models.crf_rnn import network_state
 from ..models.state_dict import strip_module_prefix
 from .caffemodel import CaffeModelError, read_caffemodel
 from .checkpoint import CheckpointError, checkpoint_state_dict, load_torch_file
@@ -62,7 +64,7 @@ def open_weights(path: Path) -> Opened:
 
 def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a torch file: a checkpoint's ``state_dict`` / ``model_state`` or the bare dict,
-    without a DataParallel ``module.`` prefix."""
+    without a DataParallel ``module.`` prefix; of a CRF-as-RNN model's, the network's (``network_state``)."""
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
     sd = checkpoint_state_dict(obj)
@@ -70,7 +72,7 @@ def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         sd = obj
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a dict")
-    sd = strip_module_prefix(sd)
+    sd = network_state(strip_module_prefix(sd))
     non_tensor = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if non_tensor:
         raise WeightsError(f"{path}: not a state dict (non-tensor entries {non_tensor[:5]})")
