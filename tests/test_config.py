@@ -29,10 +29,13 @@ def test_default_experiment_loads_with_sample_paths():
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("voc12-*.yaml")), ids=lambda p: p.name)
 def test_paper_experiments_have_valid_schema(path):
     cfg = load_config(path, check_paths=False)
-    assert path.name == f"voc12-{cfg.model.name}.yaml"
+    end_to_end = cfg.model.crf_rnn.enabled  # CRF-as-RNN (#24): a trained net fine-tuned with its CRF layer
+    assert path.name == f"voc12-{cfg.model.name}{'-crfrnn' if end_to_end else ''}.yaml"
     if "v3" in cfg.model.name:  # v3 Sec. 4.1 protocol
         assert cfg.train.lr_policy == "poly" and cfg.train.base_lr == 0.007 and cfg.train.crop_size == 513
         assert cfg.train.label_mode == "upsample" and cfg.test.flip and len(cfg.test.scales) == 6
+    elif end_to_end:  # from the trained net, at the rate its schedule ended on; the CRF layer at its own rate
+        assert cfg.train.base_lr == 1e-5 and cfg.train.lr_mult == {"crf": [100, 100]} and cfg.model.init.name == "final.pth"
     else:  # the release's solver.prototxt
         assert cfg.train.base_lr == 0.001 and cfg.train.step_size == 2000 and cfg.train.iterations == 6000
         assert cfg.train.crop_size == (306 if cfg.model.name in ("deeplab", "deeplab-7x7", "deeplab-4x4") else 321)
