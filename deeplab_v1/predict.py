@@ -51,6 +51,7 @@ from .errors import DeepLabError
 from .figures import blend, side_by_side
 from .layout import RunLayout
 from .models import MODEL_NAMES, build_model
+from .models.crf_rnn import crf_rnn_options
 from .models.vgg import SPECS
 from .weights.checkpoint import CheckpointError, checkpoint_state_dict, load_checkpoint
 
@@ -129,7 +130,7 @@ def load_predictor(weights: str | Path, *, model: Optional[str] = None, num_clas
         raise PredictError(f"{weights}: unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
     n = int(num_classes or ck.get("num_classes") or 21)
     dev = resolve_device(device)
-    net = build_model(name, n)
+    net = build_model(name, n, crf_rnn=crf_rnn_options(ck.get("crf_rnn")))  # CRF-as-RNN: the CRF layer too
     state = checkpoint_state_dict(ck)
     own = net.state_dict()
     missing = sorted(set(own) - set(state))

@@ -80,6 +80,11 @@ def test_end_to_end_run_trains_the_crf_tests_with_it_and_skips_the_crf_stages(tm
     again = predict(model, image, size=513)
     assert again.stride == 1
     assert np.abs(again.scores - sm.scores.astype(np.float32)).max() <= 2e-3 * np.abs(again.scores).max()
+    # `deeplab predict` rebuilds the same net from the checkpoint (its crf_rnn record)
+    from deeplab_v1.predict import load_predictor
+
+    pred = load_predictor(tmp_path / "checkpoints" / "final.pth", device="cpu")
+    assert isinstance(pred.model, models.CRFasRNN) and pred.model.iterations_test == 1
 
 
 def test_killed_training_resumes_bit_for_bit(tmp_path):

@@ -17,15 +17,18 @@ layer as ``crf``). The forward pass is paper Fig. 1 with the CRF inside:
 The output is ``(N, C, H, W)`` logits at the input's resolution (``full_resolution``); the test stage
 caches them at stride 1 (``test_stride``, ``test_offset``), as it does the MSc nets' fused scores.
 
-Memory: the layer keeps per mean-field iteration a few ``(N H W, C)`` float32 tensors for backward
-(``crf.layer``), about 33 MiB per iteration for one 321 x 321 crop and C = 21, on top of the lattices
-(about 0.2-0.4 GiB per crop, README "Learned CRF"); measured on a 65 x 65 crop on the CPU by
-``tests/test_crf_rnn_pipeline.py``.
+Memory per crop (C = 21), on top of the network's own: the layer keeps per mean-field iteration a few
+``(N H W, C)`` float32 tensors for backward (``crf.layer``: the filter's transpose is rerun, the lattice
+passes are not stored), plus the crop's two lattices. Peak resident growth of one forward + backward
+(``tiny-test`` + layer, CPU, float32): 22 MiB for a 65 x 65 crop at 5 iterations (34 MiB at 10); 495 MiB
+for a 321 x 321 crop at 5 iterations, 866 MiB at 10 (about 74 MiB per extra iteration). A batch of B
+crops needs B times that: LargeFOV's batch of 30 x 321 at 5 iterations adds about 15 GiB, hence
+``iter_size`` in ``experiments/voc12-deeplab-largefov-crfrnn.yaml``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +38,7 @@ from torch import nn
 
 from ..pixel_means import MEAN_BGR
 
-__all__ = ["CRFasRNN", "crf_rnn", "network_state"]
+__all__ = ["CRFasRNN", "crf_rnn", "crf_rnn_options", "network_state"]
 
 
 class CRFasRNN(nn.Module):
@@ -94,6 +97,12 @@ class CRFasRNN(nn.Module):
         """The network's BatchNorm frozen (``AttributeError`` for v1, as the plain net)."""
         self.dcnn.freeze_bn(frozen)
 
+    def build_record(self) -> dict[str, Any]:
+        """The layer's ``build_model(..., crf_rnn=...)`` arguments as plain data (``params`` as a mapping), for
+        checkpoints (their ``crf_rnn``; :func:`crf_rnn_options` turns it back)."""
+        return {"params": self.crf.params.to_dict(), "learn": list(self.crf.learn),
+                "iterations_train": self.iterations_train, "iterations_test": self.iterations_test}
+
     # ------------------------------------------------------------------ forward
     def rgb(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) RGB 0..255 float32 of the network input ``x`` (mean-subtracted BGR): the mean
@@ -139,6 +148,14 @@ def crf_rnn(dcnn: nn.Module, num_classes: int, *, params: CRFParams, learn: Sequ
             iterations_train: int = 5, iterations_test: int = 10) -> CRFasRNN:
     """``dcnn`` with the CRF layer appended (``build_model(..., crf_rnn={...})``); see :class:`CRFasRNN`."""
     return CRFasRNN(dcnn, num_classes, params, learn, iterations_train, iterations_test)
+
+
+def crf_rnn_options(record: Optional[dict]) -> Optional[dict]:
+    """``build_model``'s ``crf_rnn`` argument from a checkpoint's ``crf_rnn`` record
+    (:meth:`CRFasRNN.build_record`); None (a checkpoint of a plain network) gives None."""
+    if record is None:
+        return None
+    return {**record, "params": CRFParams.from_dict(dict(record["params"]))}
 
 
 def network_state(state_dict: dict) -> dict:

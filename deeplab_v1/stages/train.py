@@ -60,7 +60,8 @@ def run(ctx: RunContext) -> dict:
     if t.iterations == 0:
         ctx.log.info("train.iterations is 0: testing the initial weights")
         if ctx.dist.is_main:
-            save_checkpoint(ctx.layout.final_checkpoint, {"state_dict": model.state_dict(), "model": ctx.cfg.model.name})
+            save_checkpoint(ctx.layout.final_checkpoint, {"state_dict": model.state_dict(), "model": ctx.cfg.model.name,
+                                                          **_layer_build(model)})
         return {"init": init_desc, "iterations": 0, **crf_layer_record(model)}
     spec = release_spec(ctx.cfg.model.name)
     if spec is None and t.output_stride:  # DeepLab v3/v3+: the encoder's stride is an option
@@ -83,11 +84,18 @@ def run(ctx: RunContext) -> dict:
             label_pad_beg=spec.train_label_pad_beg if spec is not None else 0,
             seed=ctx.cfg.seed, num_classes=ctx.cfg.model.num_classes, device=ctx.device, progress=ctx.progress,
             log=ctx.log.info, tensorboard=board,
-            extra_state={"model": ctx.cfg.model.name, "num_classes": ctx.cfg.model.num_classes, "init": init_desc},
+            extra_state={"model": ctx.cfg.model.name, "num_classes": ctx.cfg.model.num_classes, "init": init_desc,
+                         **_layer_build(model)},
         )
     return {"init": init_desc, "iterations": result.iterations, "resumed_from": result.resumed_from,
             "final_loss": result.final_loss, "images": len(samples), "world_size": ctx.dist.world,
             "global_batch": t.batch_size * t.iter_size * ctx.dist.world, **crf_layer_record(model)}
+
+
+def _layer_build(model: nn.Module) -> dict:
+    """``{"crf_rnn": ...}``: how to rebuild a CRF-as-RNN model (``CRFasRNN.build_record``), kept in its
+    checkpoints so that ``deeplab predict`` builds the same net; ``{}`` for a plain network."""
+    return {"crf_rnn": model.build_record()} if isinstance(model, CRFasRNN) else {}
 
 
 def crf_layer_record(model: nn.Module) -> dict:
