@@ -7,7 +7,8 @@ Source: the release's ``test.prototxt``: the image is padded at the bottom/right
 single-scale nets we keep the raw fc8 scores at stride 8 (compact, float16, one file per image) and
 upsample when they are used, which gives the same numbers as upsampling first. The MSc test nets sum
 branches upsampled by x1, x2, x4 and x8 (``fc_fusion``), so their scores are kept at stride 1: the
-release's resolution, which the CRF and the evaluation need.
+release's resolution, which the CRF and the evaluation need; so are a CRF-as-RNN model's refined scores
+(``models.crf_rnn``: ``test_stride`` 1, the CRF inside the net).
 
 Batching (``predict_batch``, ``forward_views``): every image is padded to the same size before the net
 sees it, so the images of a batch do not touch each other and batched scores equal one-at-a-time scores

@@ -11,6 +11,12 @@ background writer compresses the score files and encodes the PNGs. Under torchru
 ``world``-th image of the list (``distributed.shard``) and writes its own images' files: the split is a function
 of the list, the rank and the world size alone (never of a rank's cores, load or memory, which set only its
 loader workers), so every image is scored by exactly one rank whatever the machines (issue #20 item 1).
+
+CRF-as-RNN (``model.crf_rnn``, issue #24 item 3): the test net is the network with its CRF layer
+(``models.crf_rnn.CRFasRNN.test_net``, ``iterations_test`` mean-field steps on the padded image), whose
+refined logits are at the input's resolution; they are cached as any full-resolution scores are (the MSc
+nets', multi-scale inference): ``stride`` 1, ``offset`` 0, cropped to the image, float16. The cache format is
+unchanged, so evaluate (and any reader of ``ScoreMap``) works as it does; nothing is downsampled.
 """
 
 from __future__ import annotations
