@@ -105,5 +105,6 @@ def crf_layer_record(model: nn.Module) -> dict:
         return {}
     layer = model.crf
     params = layer.current_params()
+    compatibility = [[round(float(v), 6) for v in row] for row in layer.compatibility().detach().cpu()]
     return {"crf_layer": {"w1": round(params.w1, 6), "w2": round(params.w2, 6), "learn": list(layer.learn),
-                          "compatibility": [[round(float(v), 6) for v in row] for row in layer.compatibility().detach().cpu()]}}
+                          "compatibility": compatibility}}
