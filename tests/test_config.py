@@ -83,11 +83,12 @@ def test_overrides_apply_before_validation(tmp_path):
 
 def test_lr_mult_is_checked_against_the_models_layers(tmp_path):
     from deeplab_v1.config import ConfigError, load_config
+    from deeplab_v1.stages.train import check_lr_mult  # the check the runner makes before any work
 
     exp = tmp_path / "e.yaml"
     exp.write_text("model: {name: deeplab-msc-largefov}\ntrain:\n  lr_mult: {'conv*': [0, 0], 'pool9_*': [1, 2]}\n")
     with pytest.raises(ConfigError, match=r"train\.lr_mult\.pool9_\*.*matches no layer of deeplab-msc-largefov"):
-        load_config(exp, check_paths=False)
+        check_lr_mult(load_config(exp, check_paths=False))
     exp.write_text("model: {name: deeplab-largefov}\ntrain:\n  lr_mult: {'fc8': [1]}\n")
     with pytest.raises(ConfigError, match=r"train\.lr_mult\.fc8.*two numbers >= 0"):
         load_config(exp, check_paths=False)
@@ -96,3 +97,21 @@ def test_lr_mult_is_checked_against_the_models_layers(tmp_path):
         load_config(exp, check_paths=False)
     exp.write_text("model: {name: deeplab-largefov}\ntrain:\n  lr_mult: {'conv*': [0, 0], 'fc8': [10, 20]}\n")
     assert load_config(exp, check_paths=False).train.lr_mult == {"conv*": [0, 0], "fc8": [10, 20]}
+
+
+def test_an_lr_mult_pattern_matching_no_layer_stops_the_run_before_any_work(tmp_path, capsys):
+    """The schema builds no model: the pattern check is the train stage's (``stages.train.check_lr_mult``),
+    made by the runner before the run folder, the data check or any stage; the message names the file."""
+    from deeplab_v1.cli import main
+
+    exp = tmp_path / "e.yaml"
+    exp.write_text(f"base: {REPO / 'experiments' / 'default.yaml'}\noutput_dir: run\n"
+                   f"data: {{root: {REPO / 'experiments' / 'sample' / 'VOC2012'}}}\n"
+                   "train:\n  lr_mult: {'conv*': [0, 0], 'fc9': [1, 2]}\n")
+    assert load_config(exp).train.lr_mult == {"conv*": [0, 0], "fc9": [1, 2]}  # the schema accepts it
+    assert main(["run", str(exp), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"deeplab: error: {exp}: key 'train.lr_mult.fc9' matches no layer of deeplab-largefov")
+    assert "conv1_1" in err and "\n" not in err and not (tmp_path / "run").exists()
+    assert main(["run", str(exp), "--no-progress", "--set", "train.lr_mult.fc9=[1, 2]"]) == 2
+    assert capsys.readouterr().err.startswith("deeplab: error: --set train.lr_mult.fc9=[1, 2]: key 'train.lr_mult.fc9'")
