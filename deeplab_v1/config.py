@@ -6,8 +6,8 @@ does not exist stops with a ``ConfigError`` naming the dotted key and where its 
 ``--set`` that gave it, else the YAML file (``KeySources``). Types and ranges are the schema's (``Field``
 limits, ``Literal`` choices; pydantic's errors are translated by ``key_sources.schema_error_message``); the checks
 here are the ones only we can make (model names, stages, the dataset, paths). Relative paths are resolved
-against the YAML file's folder. ``--set section.key=value`` overrides are applied before validation. A field
-is one line of its section; ``_limited`` gives a range its own message.
+against the YAML file's folder. ``--set section.key=value`` overrides are applied before validation. A key
+is one line of its section (``_limited``: a range with a message of its own).
 """
 
 from __future__ import annotations
@@ -57,17 +57,14 @@ def _yaml_number(value: Any) -> Any:
 Float = Annotated[float, BeforeValidator(_yaml_number), Field(strict=True)]
 
 
-def _one_of(*allowed: int) -> AfterValidator:
-    def check(value: int) -> int:
-        if value not in allowed:
-            raise problem(f"must be {', '.join(map(str, allowed[:-1]))} or {allowed[-1]}, got {value}")
-        return value
-
-    return AfterValidator(check)
+def _stride(value: int) -> int:
+    if value not in (8, 16, 32):
+        raise problem(f"must be 8, 16 or 32, got {value}")
+    return value
 
 
 #: An output stride of the v3/v3+ encoders.
-Stride = Annotated[StrictInt, _one_of(8, 16, 32)]
+Stride = Annotated[StrictInt, AfterValidator(_stride)]
 
 
 def _limited(default: Any, must: str = "", **limits: Any) -> Any:

@@ -93,19 +93,6 @@ def _bare(tp: Any) -> Any:
     return _bare(get_args(tp)[0]) if get_origin(tp) is Annotated else tp
 
 
-def _shown(value: Any, tp: Any) -> Any:
-    """``value`` as the schema reads it (a float key's ``1`` as ``1.0``), for a message."""
-    tp = _bare(tp)
-    if get_origin(tp) is list and isinstance(value, list):
-        return [_shown(v, get_args(tp)[0]) for v in value]
-    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
 def _locate(loc: tuple, kind: str, cls: type, raw: Any) -> tuple[str, Any, Any, Any]:
     """(dotted key, value given, annotation, pydantic ``FieldInfo``) of an error at ``loc``: the deepest
     field on it (list items as ``key[i]``), or the whole field when it may be null (``int or null``), is a
@@ -153,7 +140,7 @@ def schema_error_message(exc: ValidationError, cls: type, raw: dict, where: str)
     elif kind in LIMITS:
         limits = {k: f"{v:g}" if isinstance(v, float) else v for k, v in ctx.items()}
         must = (field.json_schema_extra or {}).get("must") or LIMITS[kind].format(**limits)
-        what = f"must {must}, got {_shown(value, tp)}"
+        what = f"must {must}, got {value}"
     elif isinstance(tp, type) and issubclass(tp, BaseModel):
         return f"{at(where, key)}: section '{key}' must be a mapping, got {value!r}"
     else:
