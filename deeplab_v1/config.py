@@ -76,7 +76,7 @@ def _limited(default: Any, must: str = "", **limits: Any) -> Any:
 class _Section(BaseModel):
     """A section: unknown keys are errors; code may set attributes (paths resolved after loading)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
     @classmethod
     def known_keys(cls) -> list[str]:
