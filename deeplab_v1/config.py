@@ -27,8 +27,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       PrivateAttr, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator)
 
 from .data.layouts import data_problem, resolve_lists
-from .experiment_files import ExperimentFileError, read_experiment
 from .errors import DeepLabError
+from .experiment_files import ExperimentFileError, read_experiment
 from .key_sources import KeySources, problem, schema_error_message, unknown
 from .key_sources import at as _at
 
@@ -299,14 +299,15 @@ class CRFSearchConfig(_Section):
 
     @classmethod
     def known_keys(cls) -> list[str]:
+        """The stage's keys and ``search_keys()``: the section is flat in YAML."""
         return [k for k in cls.model_fields if k != "search"] + cls.search_keys()
 
     @model_validator(mode="before")
     @classmethod
     def _flat(cls, values: Any) -> Any:
         """The flat YAML mapping: the stage's keys stay, the rest goes through ``SearchConfig``'s checks."""
-        if not isinstance(values, dict):
-            return values
+        if not isinstance(values, dict) or isinstance(values.get("search"), SearchConfig):
+            return values  # not a mapping (the section's message says so), or built in code
         unknown_keys = [k for k in values if k not in cls.known_keys()]
         if unknown_keys:
             raise unknown(unknown_keys)
