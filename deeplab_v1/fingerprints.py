@@ -28,8 +28,7 @@ from PIL import Image
 
 from .config import ExperimentConfig, to_dict
 from .context import RunContext
-from .data.lists import Sample
-from .stages.crf_search import choose_subset
+from .data.lists import Sample, choose_subset
 from .weights.checkpoint import file_sha256
 
 #: The dataset's keys that change what is read (the layout, the folders, the label mapping).

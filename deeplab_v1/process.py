@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-__all__ = ["configure_process"]
+from crf.pool import available_cores  # the one core count (the CPUs this process may run on)
+
+__all__ = ["configure_process", "available_cores"]
 
 _DONE: dict[str, object] = {}
 

@@ -118,6 +118,24 @@ def test_the_context_knows_no_particular_network():
     assert not sorted(n for n in deps if n.startswith("deeplab_v1.models"))
 
 
+def test_the_data_pipeline_asks_the_process_not_the_crf_pool_for_cores():
+    """The core count is the process's (``deeplab_v1.process.available_cores``); the data pipeline knows
+    nothing of the CRF's worker pool."""
+    graph = _graph()
+    bad = {m: sorted(n for n in deps if n.startswith("crf.pool"))
+           for m, deps in graph.items() if m.startswith("deeplab_v1.data")}
+    assert not any(bad.values()), {m: d for m, d in bad.items() if d}
+
+
+def test_only_the_runner_and_the_cli_import_the_stages():
+    """Data flows one way: a stage may use the fingerprints, the context, the data and the engine, never the
+    reverse (what two rooms share lives in the lower one, e.g. ``data.lists.choose_subset``)."""
+    graph = _graph()
+    users = sorted(m for m, deps in graph.items() if not m.startswith("deeplab_v1.stages")
+                   and any(n.startswith("deeplab_v1.stages") for n in deps))
+    assert users == ["deeplab_v1.cli", "deeplab_v1.runner"], users
+
+
 def _name_tests(path: Path) -> list[str]:
     """``"..." in <...>.name`` (or ``not in``) tests in a file: a stage guessing a model's kind from its name."""
     found = []

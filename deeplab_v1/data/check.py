@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from crf.pool import available_cores
 from tqdm import tqdm
 
 from ..atomic import atomic_write_json
+from ..process import available_cores
 from .io import IGNORE_LABEL, DataError, read_image, read_label
 from .lists import Sample
 

@@ -18,9 +18,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .io import DataError
 
-__all__ = ["DataError", "Sample", "voc_split", "read_list", "load_samples"]
+__all__ = ["DataError", "Sample", "voc_split", "read_list", "load_samples", "choose_subset"]
 
 
 @dataclass(frozen=True)
@@ -177,3 +179,13 @@ def load_samples(root: str | os.PathLike, split_or_list: str | os.PathLike, requ
                 return read_list(candidate, root, require_labels=require_labels)
         raise DataError(f"{value}: list file not found (also looked under {root})")
     return voc_split(root, str(split_or_list), require_labels=require_labels)
+
+
+def choose_subset(ids: list[str], count: int, seed: int) -> list[str]:
+    """``count`` of ``ids`` drawn without replacement by ``numpy.random.default_rng(seed)``, in list order
+    (all of them when ``count >= len(ids)``): the CRF search's images (paper Sec. 5: 100 val images), the
+    same on every rank and machine for one seed."""
+    if count >= len(ids):
+        return list(ids)
+    pick = np.random.default_rng(seed).choice(len(ids), size=count, replace=False)
+    return [ids[i] for i in sorted(pick)]

@@ -18,12 +18,12 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from crf.pool import available_cores
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..process import available_cores
 from .datasets import TrainDataset
 
-__all__ = ["TrainPositions", "TrainBatches", "epoch_index", "default_workers", "train_loader", "loader_kwargs",
+__all__ = ["TrainPositions", "TrainBatches", "epoch_index", "loader_workers", "train_loader", "loader_kwargs",
            "opencv_one_thread"]
 
 
@@ -96,7 +96,7 @@ class TrainBatches(Sampler[list[int]]):
         return max(0, self.iterations - self.start_iteration) * self.iter_size
 
 
-def default_workers(requested: Optional[int], local_world: int = 1) -> int:
+def loader_workers(requested: Optional[int], local_world: int = 1) -> int:
     """Loader worker processes: ``requested`` when given (0: load in the main process), else the cores
     left to this rank after its own process, at most 8 (one per core on a 2-core machine)."""
     if requested is not None:

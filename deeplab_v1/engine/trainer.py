@@ -33,7 +33,7 @@ from .. import distributed
 from ..data.datasets import TrainDataset
 from ..data.io import voc_palette
 from ..data.lists import Sample
-from ..data.loader import TrainBatches, default_workers, train_loader
+from ..data.loader import TrainBatches, loader_workers, train_loader
 from ..distributed import on_main
 from ..errors import DeepLabError
 from ..models.dropout import dropout_keys
@@ -187,7 +187,7 @@ def train(
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = maybe_compile(net, s.compile)
     batches = TrainBatches(position, start, s.iterations, s.batch_size, s.iter_size, info.rank, info.world)
-    workers = default_workers(s.num_workers, info.local_world)
+    workers = loader_workers(s.num_workers, info.local_world)
     stream = iter(train_loader(dataset, batches, num_workers=workers, device=device)) if len(batches) else iter(())
     if start < s.iterations:
         log(f"loader: {workers} worker process(es) per rank, {info.world} rank(s), global batch {per_iter} "

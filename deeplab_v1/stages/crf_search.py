@@ -38,15 +38,8 @@ from crf.trimap import trimap_band
 from ..atomic import atomic_write_text
 from ..context import RunContext, StageError
 from ..data.io import read_image, read_label
+from ..data.lists import choose_subset
 from ..engine.inference import ScoreMap
-
-
-def choose_subset(ids: list[str], count: int, seed: int) -> list[str]:
-    """``count`` ids drawn without replacement with a fixed seed, in list order (all if fewer)."""
-    if count >= len(ids):
-        return list(ids)
-    pick = np.random.default_rng(seed).choice(len(ids), size=count, replace=False)
-    return [ids[i] for i in sorted(pick)]
 
 
 def make_search_input(path: Path, image_path: Path, label_path: Path, scores_path: Path, num_classes: int,

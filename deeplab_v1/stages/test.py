@@ -27,7 +27,7 @@ from ..models import release_spec
 from ..data.io import read_label, write_label
 from ..data.layouts import png_palette
 from ..data.lists import Sample
-from ..data.loader import collate_list, default_workers, loader_kwargs
+from ..data.loader import collate_list, loader_workers, loader_kwargs
 from ..engine.inference import (BackgroundWriter, ScoreMap, ViewDataset, combine_views, forward_views,
                                 label_from_scores, run_test_net, test_geometry)
 from ..engine.precision import maybe_compile, set_tf32, to_memory_format
@@ -85,7 +85,7 @@ def run(ctx: RunContext) -> dict:
             stride, offset = test_geometry(model)
             views = ViewDataset([s.image for s in todo], size=size, scales=t.scales, flip=t.flip,
                                 multiple=int(getattr(model, "output_stride", 8)))
-            workers = default_workers(t.num_workers, ctx.dist.local_world) if todo else 0
+            workers = loader_workers(t.num_workers, ctx.dist.local_world) if todo else 0
             loader = DataLoader(views, batch_size=t.batch_size, collate_fn=collate_list,
                                 **loader_kwargs(workers, ctx.device))
             for batch in loader:
