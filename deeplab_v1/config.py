@@ -1,68 +1,161 @@
-"""Experiment configuration: a typed schema (dataclasses) loaded from YAML and validated before any work.
+"""Experiment configuration: a typed schema (pydantic v2 models) loaded from YAML and validated before any work.
 
 One YAML file describes one experiment (STYLE.md: sections for model, data, train, test, CRF, search,
-evaluation). Every key is checked: an unknown key, a value of the wrong type or a path that does not exist
-stops with a ``ConfigError`` naming the dotted key and where its value came from: the ``--set`` that gave
-it, else the YAML file (``KeySources``). Relative paths are resolved against the YAML file's folder.
-``--set section.key=value`` overrides are applied before validation.
+evaluation). Every key is checked: an unknown key, a value of the wrong type or out of range, or a path that
+does not exist stops with a ``ConfigError`` naming the dotted key and where its value came from: the
+``--set`` that gave it, else the YAML file (``KeySources``). Types and ranges are the schema's (``Field``
+limits, ``Literal`` choices; pydantic's errors are translated by ``key_sources.schema_error_message``); the checks
+here are the ones only we can make (model names, stages, the dataset, paths). Relative paths are resolved
+against the YAML file's folder. ``--set section.key=value`` overrides are applied before validation. A key
+is one line of its section (``_limited``: a range with a message of its own).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import math
 import os
 import tempfile
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from crf import CRFParams
 from crf.params import RELEASE_LARGEFOV
 from crf.search import SearchConfig
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, InstanceOf, PlainValidator,
+                      PrivateAttr, StrictBool, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from .config_crf_rnn import CRFRNNConfig, crf_rnn_problem
-from .errors import DeepLabError
 from .data.layouts import data_problem, resolve_lists
+from .errors import DeepLabError
 from .experiment_files import ExperimentFileError, read_experiment
-from .key_sources import KeySources, unknown_keys_message
+from .key_sources import KeySources, problem, schema_error_message, unknown
 from .key_sources import at as _at
+
+__all__ = ["ConfigError", "CRFRNNConfig", "ModelConfig", "DataConfig", "TrainConfig", "TestConfig", "CRFConfig", "CRFSearchConfig",
+           "EvaluationConfig", "ExperimentConfig", "STAGES", "load_config", "to_dict", "parse_override",
+           "apply_overrides", "validate"]
 
 
 class ConfigError(DeepLabError, ValueError):
     """An invalid experiment configuration; the message names the file and the key."""
 
 
-@dataclass
-class ModelConfig:
-    """``model:`` section. ``name`` is a ``deeplab_v1.models.build_model`` name. ``init`` is the initial weights: a
-    ``.caffemodel`` (release model or ImageNet VGG-16), a checkpoint of ours (``.pth``) or an ImageNet VGG-16 ``.pth`` in
-    the common PyTorch layout; ``null`` starts from random weights (the report says so). ``output_stride``,
-    ``multi_grid``, ``separable``, ``root`` are the v3/v3+ options of the same names (left unset for v1).
-    ``crf_rnn``: the CRF as the net's last layer, trained end to end (``config_crf_rnn.CRFRNNConfig``)."""
+def _yaml_number(value: Any) -> Any:
+    """PyYAML reads ``1e-4`` (no dot) as a string; YAML 1.2 and users mean a number. NaN and infinity are not."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise problem(f"must be float, got {value!r}")
+    return value
 
-    name: str = "deeplab-largefov"
-    num_classes: int = 21
+
+#: A float key: an int or a float (or a number PyYAML left as a string), never a bool, NaN or infinity.
+Float = Annotated[float, BeforeValidator(_yaml_number), Field(strict=True)]
+
+
+def _stride(value: int) -> int:
+    if value not in (8, 16, 32):
+        raise problem(f"must be 8, 16 or 32, got {value}")
+    return value
+
+
+#: An output stride of the v3/v3+ encoders.
+Stride = Annotated[StrictInt, AfterValidator(_stride)]
+
+
+def _limited(default: Any, must: str = "", **limits: Any) -> Any:
+    """A field with pydantic's ``limits`` (``ge``, ``gt``, ``min_length``) whose breach reads ``key '...' must
+    <must>, got <value>`` (without ``must``: ``must be >= <ge>`` or ``must be > <gt>``)."""
+    return Field(default, **limits, json_schema_extra={"must": must} if must else None)
+
+
+class _Section(BaseModel):
+    """A section: unknown keys are errors; code may set attributes (paths resolved after loading)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    @classmethod
+    def known_keys(cls) -> list[str]:
+        """The keys a YAML mapping of this section may have."""
+        return list(cls.model_fields)
+
+
+class CRFRNNConfig(_Section):
+    """``model.crf_rnn:`` section: DeepLab trained end to end with the CRF as its last layer (CRF-as-RNN,
+    Zheng et al. ICCV 2015; DeepLab v1 Sec. 6; issue #24 item 3). ``enabled`` appends ``crf.DenseCRFLayer``
+    to the model (any v1 or v3 name; ``deeplab_v1.models.crf_rnn``): the stride-8 scores are upsampled
+    bilinearly to the input and refined by ``iterations_train`` mean-field steps in training (the loss on the
+    refined scores at the crop's resolution, labels not shrunk, whatever ``train.label_mode`` says) and
+    ``iterations_test`` at test (the score cache holds the refined scores at image resolution, stride 1).
+    ``learn``: which of ``w1``, ``w2``, ``compatibility`` (C x C, started Potts) are trained (their lr: the
+    ``train.lr_mult`` pattern ``crf``, default x1; no weight decay). ``params``: the initial ``crf.CRFParams``
+    (a mapping; keys left out take the release's LargeFOV values; a learned weight must start > 0); the
+    kernel widths stay fixed. With it on, the ``crf_search`` and ``crf`` stages are skipped."""
+
+    enabled: StrictBool = False
+    iterations_train: StrictInt = _limited(5, "be >= 1 mean-field iterations", ge=1)
+    iterations_test: StrictInt = _limited(10, "be >= 1 mean-field iterations", ge=1)
+    learn: list[Literal["w1", "w2", "compatibility"]] = ["w1", "w2", "compatibility"]
+    params: Annotated[CRFParams, PlainValidator(lambda v: _crf_params(v))] = RELEASE_LARGEFOV
+
+    @field_validator("learn")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise problem(f"must name each of w1, w2, compatibility at most once, got {value}")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _learnable(cls, value: CRFParams, info: ValidationInfo) -> CRFParams:
+        for name in ("w1", "w2"):  # log-parametrised in the layer
+            if name in (info.data.get("learn") or []) and getattr(value, name) <= 0:
+                raise problem(f"has {name} = {getattr(value, name)}, which cannot be learned (a learned kernel "
+                              f"weight must start > 0); set it > 0 or leave {name} out of learn")
+        return value
+
+    def build_options(self) -> dict[str, Any]:
+        """``{"crf_rnn": {...}}``, the ``build_model`` option that appends the layer, or ``{}`` when off."""
+        if not self.enabled:
+            return {}
+        return {"crf_rnn": {"params": self.params, "learn": tuple(self.learn),
+                            "iterations_train": self.iterations_train, "iterations_test": self.iterations_test}}
+
+
+class ModelConfig(_Section):
+    """``model:`` section.
+
+    ``name`` is a ``deeplab_v1.models.build_model`` name. ``init`` is the initial weights: a ``.caffemodel``
+    (release model or ImageNet VGG-16), a checkpoint of ours (``.pth``) or an ImageNet VGG-16 ``.pth`` in the
+    common PyTorch layout; ``null`` starts from random weights (the report says so). ``output_stride``,
+    ``multi_grid``, ``separable``, ``root`` are the v3/v3+ options of the same names (left unset for v1).
+    ``crf_rnn``: the CRF as the net's last layer, trained end to end (:class:`CRFRNNConfig`).
+    """
+
+    name: StrictStr = "deeplab-largefov"
+    num_classes: StrictInt = _limited(21, ge=2)
     init: Optional[Path] = None
-    output_stride: Optional[int] = None
-    multi_grid: Optional[list[int]] = None
-    separable: Optional[bool] = None
-    root: Optional[str] = None
-    crf_rnn: CRFRNNConfig = field(default_factory=CRFRNNConfig)
+    output_stride: Optional[StrictInt] = None
+    multi_grid: Optional[list[StrictInt]] = None
+    separable: Optional[StrictBool] = None
+    root: Optional[StrictStr] = None
+    crf_rnn: CRFRNNConfig = Field(default_factory=CRFRNNConfig)
 
     def options(self) -> dict[str, Any]:
         """The keyword options that are set (passed to ``build_model``): v3/v3+ ones, ``crf_rnn`` when enabled."""
-        opts = {k: getattr(self, k) for k in ("output_stride", "separable", "root") if getattr(self, k) is not None}
-        if self.multi_grid is not None:
-            opts["multi_grid"] = tuple(self.multi_grid)
+        opts = {k: getattr(self, k) for k in ("output_stride", "multi_grid", "separable", "root")}
+        opts = {k: v for k, v in opts.items() if v is not None}
+        if "multi_grid" in opts:
+            opts["multi_grid"] = tuple(opts["multi_grid"])
         return {**opts, **self.crf_rnn.build_options()}
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     """``data:`` section (checks: ``deeplab_v1.data.layouts``, issue #23). ``layout``: ``voc`` (``root`` holds
     JPEGImages and SegmentationClass(Aug); a list is a split name or a deeplab-public list file), ``folder``
     (``images``, ``labels``: folders under ``root`` matched by file stem; a list is a file of stems, null:
@@ -72,25 +165,26 @@ class DataConfig:
     release's) or ``boundary`` (around label changes, ``crf.trimap``)."""
 
     root: Path = Path("data/VOC2012")
-    train_list: Optional[str] = None  # null: train (voc, cityscapes) or every stem (folder); likewise val
-    test_list: Optional[str] = None
-    max_train_images: Optional[int] = None
-    max_test_images: Optional[int] = None
+    train_list: Optional[StrictStr] = None  # null: train (voc, cityscapes) or every stem (folder); likewise val
+    test_list: Optional[StrictStr] = None
+    max_train_images: Optional[StrictInt] = _limited(None, "be >= 1 or null", ge=1)
+    max_test_images: Optional[StrictInt] = _limited(None, "be >= 1 or null", ge=1)
     layout: Literal["voc", "folder", "cityscapes"] = "voc"
-    images: Optional[str] = None
-    labels: Optional[str] = None
-    class_names: Optional[list[str]] = None
-    palette: Optional[list[list[int]]] = None
-    ignore_index: int = 255
+    images: Optional[StrictStr] = None
+    labels: Optional[StrictStr] = None
+    class_names: Optional[list[StrictStr]] = None
+    palette: Optional[list[list[StrictInt]]] = None
+    ignore_index: StrictInt = 255
     trimap_band: Literal["void", "boundary"] = "void"
 
-    def __post_init__(self) -> None:  # split names are the default lists of voc and cityscapes
+    @model_validator(mode="after")
+    def _split_names(self) -> "DataConfig":  # split names are the default lists of voc and cityscapes
         if self.layout != "folder":
             self.train_list, self.test_list = self.train_list or "train", self.test_list or "val"
+        return self
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """``train:`` section. Defaults are the LargeFOV ``solver.prototxt`` and ``train.prototxt``.
 
     ``iterations`` (Caffe ``max_iter``) of ``batch_size`` crops, gradients accumulated over ``iter_size``
@@ -100,9 +194,10 @@ class TrainConfig:
     those, an ordered mapping of layer-name glob patterns (Caffe names for v1: ``conv1_1`` ... ``fc8``,
     ``data_conv`` ... ``pool4_ms``; module paths for v3) to ``[weight, bias]`` (Caffe ``blobs_lr``), first
     match wins, 0 freezes (the MSc experiments: the trunk frozen, the branches x1 / x2; see
-    ``engine.solver.caffe_param_groups``). ``label_mode``: ``shrink`` (v1: labels sampled at the
-    score-map positions, INTERP shrink_factor 8) or ``upsample`` (v3: logits upsampled to the crop).
-    ``scale_range``: random rescaling (v3: [0.5, 2.0]). ``batchnorm``: ``finetune`` or ``frozen`` (v3
+    ``engine.solver.caffe_param_groups``; the train stage checks that each pattern matches a layer of the
+    model before the run starts, ``stages.train.check_lr_mult``). ``label_mode``: ``shrink`` (v1: labels
+    sampled at the score-map positions, INTERP shrink_factor 8) or ``upsample`` (v3: logits upsampled to the
+    crop). ``scale_range``: random rescaling (v3: [0.5, 2.0]). ``batchnorm``: ``finetune`` or ``frozen`` (v3
     models). ``output_stride``: v3 training output_stride (null: the model's). ``iterations: 0`` skips
     training and tests the initial weights.
 
@@ -113,36 +208,53 @@ class TrainConfig:
     DDP); ``tensorboard`` logs loss, lr and predictions (needs the ``tensorboard`` extra).
     """
 
-    iterations: int = 6000
-    batch_size: int = 30
-    iter_size: int = 1
-    crop_size: Optional[int] = None
-    mirror: bool = True
-    base_lr: float = 0.001
+    iterations: StrictInt = _limited(6000, "be positive", ge=0)
+    batch_size: StrictInt = _limited(30, ge=1)
+    iter_size: StrictInt = _limited(1, ge=1)
+    crop_size: Optional[StrictInt] = _limited(None, "be a positive number of pixels (or null: the release's crop)",
+                                              ge=1)
+    mirror: StrictBool = True
+    base_lr: Float = _limited(0.001, gt=0)
     lr_policy: Literal["step", "poly"] = "step"
-    gamma: float = 0.1
-    step_size: int = 2000
-    power: float = 0.9
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    classifier_lr_mult: float = 10.0
-    lr_mult: Optional[dict[str, list[float]]] = None
+    gamma: Float = 0.1
+    step_size: StrictInt = _limited(2000, "be positive", ge=1)
+    power: Float = 0.9
+    momentum: Float = 0.9
+    weight_decay: Float = 0.0005
+    classifier_lr_mult: Float = 10.0
+    lr_mult: Optional[dict[StrictStr, Any]] = None
     label_mode: Literal["shrink", "upsample"] = "shrink"
-    scale_range: Optional[list[float]] = None
+    scale_range: Optional[list[Float]] = None
     batchnorm: Literal["finetune", "frozen"] = "finetune"
-    output_stride: Optional[int] = None
-    checkpoint_every: int = 2000
-    log_every: int = 10
-    num_workers: Optional[int] = None
+    output_stride: Optional[Stride] = None
+    checkpoint_every: StrictInt = _limited(2000, "be positive", ge=1)
+    log_every: StrictInt = _limited(10, "be positive", ge=1)
+    num_workers: Optional[StrictInt] = _limited(
+        None, "be >= 0 loader processes (0: in the main process; null: from the core count)", ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
-    channels_last: bool = False
-    sync_batchnorm: bool = False
-    tensorboard: bool = False
+    compile: StrictBool = False
+    channels_last: StrictBool = False
+    sync_batchnorm: StrictBool = False
+    tensorboard: StrictBool = False
+
+    @field_validator("lr_mult")
+    @classmethod
+    def _lr_mult_values(cls, value: Optional[dict]) -> Optional[dict]:
+        for pattern, mults in (value or {}).items():  # the values as given: they are fingerprinted
+            if not (isinstance(mults, list) and len(mults) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in mults)):
+                raise problem(f"must be [weight_mult, bias_mult], two numbers >= 0, got {mults!r}", sub=pattern)
+        return value
+
+    @field_validator("scale_range")
+    @classmethod
+    def _min_max(cls, value: Optional[list[float]]) -> Optional[list[float]]:
+        if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1]):
+            raise problem(f"must be [min, max] with 0 < min <= max, got {value}")
+        return value
 
 
-@dataclass
-class TestConfig:
+class TestConfig(_Section):
     """``test:`` section. ``size``: the test padding (513; 514 for ``deeplab``; null: the model's).
     ``scales``/``flip``: multi-scale and left-right flip inference (v3; probabilities averaged).
     ``score_source``: ``network`` or ``degraded-gt`` (a DIAGNOSTIC source of DCNN-like scores made from
@@ -153,20 +265,34 @@ class TestConfig:
     ``compile`` and ``channels_last`` as in ``train``.
     """
 
-    size: Optional[int] = None
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    flip: bool = False
+    size: Optional[StrictInt] = _limited(None, "be a positive number of pixels (or null: the release's test size)",
+                                         ge=1)
+    scales: list[Annotated[Float, Field(gt=0)]] = _limited([1.0], "be a non-empty list of positive factors",
+                                                           min_length=1)
+    flip: StrictBool = False
     score_source: Literal["network", "degraded-gt"] = "network"
-    output_stride: Optional[int] = None
-    batch_size: int = 1
-    num_workers: Optional[int] = None
+    output_stride: Optional[Stride] = None
+    batch_size: StrictInt = _limited(1, ge=1)
+    num_workers: Optional[StrictInt] = _limited(
+        None, "be >= 0 loader processes (0: in the main process; null: from the core count)", ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
-    channels_last: bool = False
+    compile: StrictBool = False
+    channels_last: StrictBool = False
 
 
-@dataclass
-class CRFConfig:
+def _crf_params(value: Any) -> CRFParams:
+    """A YAML mapping of CRF parameters, the keys left out taken from the release's LargeFOV values."""
+    if isinstance(value, CRFParams):
+        return value
+    if not isinstance(value, dict):
+        raise problem(f"must be a mapping of CRF parameters, got {value!r}")
+    try:
+        return CRFParams.from_dict({**RELEASE_LARGEFOV.to_dict(), **value})
+    except (TypeError, ValueError) as exc:
+        raise problem(f"is invalid: {exc}") from exc
+
+
+class CRFConfig(_Section):
     """``crf:`` section: the fully connected CRF (paper Sec. 4.2) run on every test image.
 
     ``params`` (``crf.CRFParams``; in YAML a mapping, keys left out keep these values) default to the
@@ -180,17 +306,18 @@ class CRFConfig:
     4096 MiB, never this machine's memory).
     """
 
-    enabled: bool = True
-    params: CRFParams = RELEASE_LARGEFOV
-    use_search: bool = True
+    enabled: StrictBool = True
+    params: Annotated[CRFParams, PlainValidator(_crf_params)] = RELEASE_LARGEFOV
+    use_search: StrictBool = True
     backend: Literal["auto", "pydensecrf", "torch"] = "auto"
     device: Literal["cpu", "cuda"] = "cpu"
-    workers: Optional[int] = None
-    memory_mb: Optional[int] = None
+    workers: Optional[StrictInt] = _limited(
+        None, "be >= 1 worker processes (or null: one per core)", ge=1)
+    memory_mb: Optional[StrictInt] = _limited(
+        None, "be a positive number of MB (or null: the device's default)", ge=1)
 
 
-@dataclass
-class CRFSearchConfig:
+class CRFSearchConfig(_Section):
     """``crf_search:`` section: the paper's coarse-to-fine cross-validation of w1, sigma_alpha, sigma_beta
     (Sec. 5: w2 = 3, sigma_gamma = 3 fixed; w1 in [5, 10], sigma_alpha in [50:10:100], sigma_beta in
     [3:1:10]; 100 val images drawn with a fixed seed).
@@ -204,49 +331,80 @@ class CRFSearchConfig:
     of the search's configuration.
     """
 
-    enabled: bool = False
-    num_images: int = 100
-    seed: int = 0
-    search: SearchConfig = field(default_factory=SearchConfig)
+    enabled: StrictBool = False
+    num_images: StrictInt = _limited(100, ge=1)
+    seed: StrictInt = 0
+    search: InstanceOf[SearchConfig] = Field(default_factory=SearchConfig)
 
     @staticmethod
     def search_keys() -> list[str]:
         """The ``SearchConfig`` fields the section may set: all but ``label`` (the stage says where the
         scores come from) and ``cache_mb`` (a machine's memory, not an experiment's)."""
-        return [f.name for f in dataclasses.fields(SearchConfig) if f.name not in ("label", "cache_mb")]
+        return [f for f in SearchConfig.__dataclass_fields__ if f not in ("label", "cache_mb")]
+
+    @classmethod
+    def known_keys(cls) -> list[str]:
+        """The stage's keys and ``search_keys()``: the section is flat in YAML."""
+        return [k for k in cls.model_fields if k != "search"] + cls.search_keys()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, values: Any) -> Any:
+        """The flat YAML mapping: the stage's keys stay, the rest goes through ``SearchConfig``'s checks."""
+        if not isinstance(values, dict) or isinstance(values.get("search"), SearchConfig):
+            return values  # not a mapping (the section's message says so), or built in code
+        unknown_keys = [k for k in values if k not in cls.known_keys()]
+        if unknown_keys:
+            raise unknown(unknown_keys)
+        search_keys = set(cls.search_keys())
+        try:  # SearchConfig checks its own fields (types and ranges) with messages naming them
+            search = SearchConfig.from_dict({k: v for k, v in values.items() if k in search_keys})
+        except (TypeError, ValueError) as exc:
+            raise problem(f"is invalid: {str(exc).replace('SearchConfig.', 'crf_search.')}") from exc
+        return {**{k: v for k, v in values.items() if k not in search_keys}, "search": search}
 
 
-@dataclass
-class EvaluationConfig:
+class EvaluationConfig(_Section):
     """``evaluation:`` section: trimap band widths (pixels; paper Fig. 5 uses 1..40)."""
 
-    trimap_widths: list[int] = field(default_factory=lambda: list(range(1, 41)))
+    trimap_widths: list[Annotated[StrictInt, Field(ge=1)]] = _limited(
+        list(range(1, 41)), "be positive pixel widths", min_length=1)
 
 
 #: The stages in pipeline order (paper Fig. 1: DCNN -> bilinear upsampling -> CRF, then the evaluation).
 STAGES: tuple[str, ...] = ("train", "test", "crf_search", "crf", "evaluate")
 
 
-@dataclass
-class ExperimentConfig:
+class ExperimentConfig(_Section):
     """A whole experiment. ``output_dir``: the run folder (relative to the YAML file's folder; default
-    ``./runs/<name>`` under the current folder, as mmsegmentation's work_dirs). ``tf32``: allow TF32 matmuls/convolutions on CUDA (off: the release's fp32). ``stages``: which of train, test, crf_search, crf, evaluate ``deeplab run`` runs."""
+    ``./runs/<name>`` under the current folder, as mmsegmentation's work_dirs). ``tf32``: allow TF32
+    matmuls/convolutions on CUDA (off: the release's fp32). ``stages``: which of train, test, crf_search,
+    crf, evaluate ``deeplab run`` runs. ``source`` (not a key): the YAML file it came from."""
 
-    name: str = "experiment"
-    seed: int = 0
+    name: StrictStr = "experiment"
+    seed: StrictInt = 0
     output_dir: Optional[Path] = None
     device: Literal["cpu", "cuda"] = "cpu"
-    tf32: bool = False
-    stages: list[str] = field(default_factory=lambda: ["train", "test", "crf_search", "crf", "evaluate"])
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    test: TestConfig = field(default_factory=TestConfig)
-    crf: CRFConfig = field(default_factory=CRFConfig)
-    crf_search: CRFSearchConfig = field(default_factory=CRFSearchConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    #: the YAML file this came from (not a key)
-    source: Optional[Path] = field(default=None, repr=False)
+    tf32: StrictBool = False
+    stages: list[StrictStr] = ["train", "test", "crf_search", "crf", "evaluate"]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    test: TestConfig = Field(default_factory=TestConfig)
+    crf: CRFConfig = Field(default_factory=CRFConfig)
+    crf_search: CRFSearchConfig = Field(default_factory=CRFSearchConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    _source: Optional[Path] = PrivateAttr(None)
+    _where: str = PrivateAttr("the experiment")
+
+    @property
+    def source(self) -> Optional[Path]:
+        """The YAML file this came from (absolute), or None."""
+        return self._source
+
+    @source.setter
+    def source(self, path: Optional[Path]) -> None:
+        self._source = path
 
     @property
     def run_dir(self) -> Path:
@@ -254,136 +412,13 @@ class ExperimentConfig:
         assert self.output_dir is not None
         return self.output_dir
 
+    def key_error(self, key: str, what: str) -> ConfigError:
+        """A ``ConfigError`` on the dotted ``key``, naming where its value came from (the file or the
+        ``--set``), for a check made after loading (e.g. ``stages.train.check_lr_mult``)."""
+        return ConfigError(f"{_at(self._where, key)}: key '{key}' {what}")
+
 
 # ----------------------------------------------------------------------------------------------- loading
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return f"list of {_type_name(inner)}"
-    if origin is dict:
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _unknown(where: str, dotted: list[str], known: list[str]) -> "ConfigError":
-    return ConfigError(unknown_keys_message(where, dotted, known))
-
-
-def _crf_params(value: Any, key: str, where: str) -> CRFParams:
-    """A YAML mapping of CRF parameters, the keys left out taken from the release's LargeFOV values."""
-    if isinstance(value, CRFParams):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"{_at(where, key)}: key '{key}' must be a mapping of CRF parameters, got {value!r}")
-    try:
-        return CRFParams.from_dict({**RELEASE_LARGEFOV.to_dict(), **value})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{_at(where, key)}: key '{key}' is invalid: {exc}") from exc
-
-
-def _search_section(values: Any, key: str, where: str) -> CRFSearchConfig:
-    """The flat ``crf_search:`` mapping: the stage's keys, the rest through ``SearchConfig``'s checks."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{_at(where, key)}: section '{key}' must be a mapping, got {values!r}")
-    stage_keys = {"enabled", "num_images", "seed"}
-    search_keys = set(CRFSearchConfig.search_keys())
-    unknown = [k for k in values if k not in stage_keys | search_keys]
-    if unknown:
-        raise _unknown(where, [f"{key}.{k}" for k in unknown], sorted(stage_keys | search_keys))
-    hints = typing.get_type_hints(CRFSearchConfig)
-    stage = {k: _coerce(v, hints[k], f"{key}.{k}", where) for k, v in values.items() if k in stage_keys}
-    search_values = {k: v for k, v in values.items() if k in search_keys}
-    try:  # SearchConfig checks its own fields (types and ranges) with messages naming them
-        search = SearchConfig.from_dict(search_values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{_at(where, key)}: key '{key}' is invalid: {str(exc).replace('SearchConfig.', key + '.')}") from exc
-    return CRFSearchConfig(**stage, search=search)
-
-
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (ints to floats, str to Path)."""
-    if tp is CRFParams:
-        return _crf_params(value, key, where)
-    if tp is CRFSearchConfig:
-        return _search_section(value, key, where)
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{_at(where, key)}: key '{key}' must be {_type_name(tp)}, got {value!r}")
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key, where)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad
-        return value
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string; YAML 1.2 and users mean a number
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)):
-            raise bad
-        return Path(value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{_at(where, key)}: section '{key}' must be a mapping, got {value!r}")
-        return _build(tp, value, key, where)
-    raise bad  # pragma: no cover - every annotation above is handled
-
-
-def _build(cls: type, values: dict, prefix: str, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = [k for k in values if k not in fields]
-    if unknown:
-        raise _unknown(where, [f"{prefix + '.' if prefix else ''}{k}" for k in unknown], sorted(fields))
-    kwargs = {}
-    for name, value in values.items():
-        dotted = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(value, hints[name], dotted, where)
-    return cls(**kwargs)
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value`` (value in YAML syntax) into (path, value).
 
@@ -428,31 +463,9 @@ def _resolve(path: Optional[Path], base: Path) -> Optional[Path]:
     return path if path.is_absolute() else (base / path).resolve()
 
 
-def _check_lr_mult(cfg: ExperimentConfig, fail: Any) -> None:
-    """``train.lr_mult``: each value [weight, bias] of two numbers >= 0; each pattern matches a layer."""
-    import torch
-
-    from .engine.solver import layer_name_of
-    from .models import build_model
-
-    for pattern, mults in cfg.train.lr_mult.items():
-        ok = isinstance(mults, list) and len(mults) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in mults)
-        if not ok:
-            fail(f"train.lr_mult.{pattern}", f"must be [weight_mult, bias_mult], two numbers >= 0, got {mults!r}")
-    with torch.device("meta"):  # layer names only: no memory, no initialisation cost
-        model = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.options())
-    layers = sorted(set(layer_name_of(model).values()))
-    import fnmatch
-
-    for pattern in cfg.train.lr_mult:
-        if not any(fnmatch.fnmatchcase(layer, pattern) for layer in layers):
-            shown = ", ".join(layers[:40]) + (" ..." if len(layers) > 40 else "")
-            fail(f"train.lr_mult.{pattern}", f"matches no layer of {cfg.model.name} (layers: {shown})")
-
-
 def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> None:
-    """Semantic checks that need more than types (values, model names, existing paths).
+    """The checks the schema cannot make: model names, stages, the dataset (``data.layouts.data_problem``),
+    existing paths and a writable run folder.
 
     Raises:
         ConfigError: naming the file and the key.
@@ -464,62 +477,17 @@ def validate(cfg: ExperimentConfig, where: str, *, check_paths: bool = True) -> 
 
     if cfg.model.name not in MODEL_NAMES:
         fail("model.name", f"is {cfg.model.name!r}, not a known model ({', '.join(MODEL_NAMES)})")
-    if cfg.model.num_classes < 2:
-        fail("model.num_classes", f"must be >= 2, got {cfg.model.num_classes}")
     for stage in cfg.stages:
         if stage not in STAGES:
             fail("stages", f"has unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    for key in ("iterations", "checkpoint_every", "log_every", "step_size"):
-        if getattr(cfg.train, key) < (0 if key == "iterations" else 1):
-            fail(f"train.{key}", f"must be positive, got {getattr(cfg.train, key)}")
-    for key in ("batch_size", "iter_size"):
-        if getattr(cfg.train, key) < 1:
-            fail(f"train.{key}", f"must be >= 1, got {getattr(cfg.train, key)}")
-    if cfg.train.base_lr <= 0:
-        fail("train.base_lr", f"must be > 0, got {cfg.train.base_lr}")
-    if cfg.train.lr_mult is not None:
-        _check_lr_mult(cfg, fail)
-    if cfg.train.scale_range is not None and (
-        len(cfg.train.scale_range) != 2 or not 0 < cfg.train.scale_range[0] <= cfg.train.scale_range[1]
-    ):
-        fail("train.scale_range", f"must be [min, max] with 0 < min <= max, got {cfg.train.scale_range}")
-    if not cfg.test.scales or any(s <= 0 for s in cfg.test.scales):
-        fail("test.scales", f"must be a non-empty list of positive factors, got {cfg.test.scales}")
-    for key in ("max_train_images", "max_test_images"):
-        v = getattr(cfg.data, key)
-        if v is not None and v < 1:
-            fail(f"data.{key}", f"must be >= 1 or null, got {v}")
-    # sizes: null takes the variant's release value; 0 or less is a mistake, never a silent default
-    if cfg.train.crop_size is not None and cfg.train.crop_size < 1:
-        fail("train.crop_size", f"must be a positive number of pixels (or null: the release's crop), got {cfg.train.crop_size}")
-    if cfg.test.size is not None and cfg.test.size < 1:
-        fail("test.size", f"must be a positive number of pixels (or null: the release's test size), got {cfg.test.size}")
-    if cfg.crf.workers is not None and cfg.crf.workers < 1:
-        fail("crf.workers", f"must be >= 1 worker processes (or null: one per core), got {cfg.crf.workers}")
-    for key, v in (("train.num_workers", cfg.train.num_workers), ("test.num_workers", cfg.test.num_workers)):
-        if v is not None and v < 0:
-            fail(key, f"must be >= 0 loader processes (0: in the main process; null: from the core count), got {v}")
-    if cfg.test.batch_size < 1:
-        fail("test.batch_size", f"must be >= 1, got {cfg.test.batch_size}")
-    if cfg.crf.memory_mb is not None and cfg.crf.memory_mb < 1:
-        fail("crf.memory_mb", f"must be a positive number of MB (or null: the device's default), got {cfg.crf.memory_mb}")
-    if cfg.train.output_stride is not None and cfg.train.output_stride not in (8, 16, 32):
-        fail("train.output_stride", f"must be 8, 16 or 32, got {cfg.train.output_stride}")
-    if cfg.test.output_stride is not None and cfg.test.output_stride not in (8, 16, 32):
-        fail("test.output_stride", f"must be 8, 16 or 32, got {cfg.test.output_stride}")
-    s = cfg.crf_search
-    if s.num_images < 1:
-        fail("crf_search.num_images", f"must be >= 1, got {s.num_images}")
-    if any(w < 1 for w in cfg.evaluation.trimap_widths) or not cfg.evaluation.trimap_widths:
-        fail("evaluation.trimap_widths", f"must be positive pixel widths, got {cfg.evaluation.trimap_widths}")
-    problem = data_problem(cfg.data, cfg.model.num_classes, check_paths=check_paths) or crf_rnn_problem(cfg.model.crf_rnn)
-    if problem:
-        fail(*problem)
+    problem_ = data_problem(cfg.data, cfg.model.num_classes, check_paths=check_paths)
+    if problem_:
+        fail(*problem_)
     if check_paths and cfg.model.init is not None and not cfg.model.init.is_file():
         fail("model.init", f"points to {cfg.model.init}, which does not exist")
-    problem = _output_dir_problem(cfg.run_dir) if check_paths else None
-    if problem:
-        fail("output_dir", f"points to {cfg.run_dir}, {problem}")
+    problem_ = _output_dir_problem(cfg.run_dir) if check_paths else None
+    if problem_:
+        fail("output_dir", f"points to {cfg.run_dir}, {problem_}")
 
 
 def _output_dir_problem(path: Path) -> Optional[str]:
@@ -566,9 +534,12 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, *
     except ExperimentFileError as exc:
         raise ConfigError(str(exc)) from exc
     raw = apply_overrides(raw, overrides or [], where)
-    cfg = _build(ExperimentConfig, raw, "", where)
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(schema_error_message(exc, ExperimentConfig, raw, where)) from None
     base = path.resolve().parent
-    cfg.source = path.resolve()
+    cfg.source, cfg._where = path.resolve(), where
     cfg.data.root = _resolve(cfg.data.root, base)
     cfg.model.init = _resolve(cfg.model.init, base)
     resolve_lists(cfg.data, base)  # list files, relative to the YAML's folder
@@ -578,16 +549,17 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, *
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
-    """The resolved config as plain YAML-friendly data (paths as strings)."""
+    """The resolved config as plain YAML-friendly data (paths as strings; the ``crf_search`` section flat,
+    as written); the keys in the schema's order."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, CRFParams):
             return v.to_dict()
         if isinstance(v, CRFSearchConfig):
             search = {k: plain(getattr(v.search, k)) for k in CRFSearchConfig.search_keys()}
-            return {"enabled": v.enabled, "num_images": v.num_images, "seed": v.seed, **search}
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "source"}
+            return {**{k: plain(getattr(v, k)) for k in type(v).model_fields if k != "search"}, **search}
+        if isinstance(v, BaseModel):
+            return {k: plain(getattr(v, k)) for k in type(v).model_fields}
         if isinstance(v, Path):
             return str(v)
         if isinstance(v, (list, tuple)):

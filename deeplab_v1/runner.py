@@ -40,6 +40,7 @@ from .fingerprints import changed_keys, stage_fingerprint
 from .layout import STAGES
 from .run_lock import run_lock
 from .stages import STAGE_RUNNERS
+from .stages.train import check_lr_mult
 
 __all__ = ["Runner", "StageError", "run_lock"]
 
@@ -81,6 +82,7 @@ class Runner:
 
     Raises:
         StageError: an unknown stage name, or ``device: cuda`` without CUDA.
+        ConfigError: a ``train.lr_mult`` pattern that matches no layer (``stages.train.check_lr_mult``).
     """
 
     def __init__(self, cfg: ExperimentConfig, *, progress: bool = True, redo: Iterable[str] = (),
@@ -89,6 +91,7 @@ class Runner:
         unknown = (self.redo | self.redo_only) - set(STAGES)
         if unknown:
             raise StageError(f"--redo: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+        check_lr_mult(cfg)  # before any work (the run folder, torchrun's group): a pattern that matches no layer
         self.ctx = RunContext.create(cfg, progress=progress)
         self.cfg, self.layout, self.log = cfg, self.ctx.layout, self.ctx.log
         self.dir = self.layout.root

@@ -171,3 +171,18 @@ def test_public_api_stays_importable():
 
     assert run_search is run_search2
     assert len(SearchConfig().coarse_grid()) == 96 and callable(SearchConfig.refine)
+
+
+def test_the_schema_builds_no_model():
+    """``deeplab_v1.config`` checks types, ranges and names: of the models it knows only ``MODEL_NAMES``, and
+    nothing of the engine (the ``train.lr_mult`` patterns are checked where the model is built,
+    ``stages.train.check_lr_mult``)."""
+    path = REPO / "deeplab_v1" / "config.py"
+    deps = _graph()["deeplab_v1.config"]
+    assert not sorted(n for n in deps if n.startswith("deeplab_v1.engine")), deps
+    assert not sorted(n for n in deps if n.startswith("deeplab_v1.models.")), deps  # no builder module
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level and (node.module or "").startswith("models"):
+            assert [a.name for a in node.names] == ["MODEL_NAMES"], ast.unparse(node)
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("deeplab_v1.models"):
+            assert [a.name for a in node.names] == ["MODEL_NAMES"], ast.unparse(node)

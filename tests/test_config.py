@@ -86,11 +86,12 @@ def test_overrides_apply_before_validation(tmp_path):
 
 def test_lr_mult_is_checked_against_the_models_layers(tmp_path):
     from deeplab_v1.config import ConfigError, load_config
+    from deeplab_v1.stages.train import check_lr_mult  # the check the runner makes before any work
 
     exp = tmp_path / "e.yaml"
     exp.write_text("model: {name: deeplab-msc-largefov}\ntrain:\n  lr_mult: {'conv*': [0, 0], 'pool9_*': [1, 2]}\n")
     with pytest.raises(ConfigError, match=r"train\.lr_mult\.pool9_\*.*matches no layer of deeplab-msc-largefov"):
-        load_config(exp, check_paths=False)
+        check_lr_mult(load_config(exp, check_paths=False))
     exp.write_text("model: {name: deeplab-largefov}\ntrain:\n  lr_mult: {'fc8': [1]}\n")
     with pytest.raises(ConfigError, match=r"train\.lr_mult\.fc8.*two numbers >= 0"):
         load_config(exp, check_paths=False)
@@ -99,3 +100,78 @@ def test_lr_mult_is_checked_against_the_models_layers(tmp_path):
         load_config(exp, check_paths=False)
     exp.write_text("model: {name: deeplab-largefov}\ntrain:\n  lr_mult: {'conv*': [0, 0], 'fc8': [10, 20]}\n")
     assert load_config(exp, check_paths=False).train.lr_mult == {"conv*": [0, 0], "fc8": [10, 20]}
+
+
+def test_an_lr_mult_pattern_matching_no_layer_stops_the_run_before_any_work(tmp_path, capsys):
+    """The schema builds no model: the pattern check is the train stage's (``stages.train.check_lr_mult``),
+    made by the runner before the run folder, the data check or any stage; the message names the file."""
+    from deeplab_v1.cli import main
+
+    exp = tmp_path / "e.yaml"
+    exp.write_text(f"base: {REPO / 'experiments' / 'default.yaml'}\noutput_dir: run\n"
+                   f"data: {{root: {REPO / 'experiments' / 'sample' / 'VOC2012'}}}\n"
+                   "train:\n  lr_mult: {'conv*': [0, 0], 'fc9': [1, 2]}\n")
+    assert load_config(exp).train.lr_mult == {"conv*": [0, 0], "fc9": [1, 2]}  # the schema accepts it
+    assert main(["run", str(exp), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"deeplab: error: {exp}: key 'train.lr_mult.fc9' matches no layer of deeplab-largefov")
+    assert "conv1_1" in err and "\n" not in err and not (tmp_path / "run").exists()
+    assert main(["run", str(exp), "--no-progress", "--set", "train.lr_mult.fc9=[1, 2]"]) == 2
+    assert capsys.readouterr().err.startswith("deeplab: error: --set train.lr_mult.fc9=[1, 2]: key 'train.lr_mult.fc9'")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batch_size=true", "key 'train.batch_size' must be int, got True"),
+    ("train.iterations=1.5", "key 'train.iterations' must be int, got 1.5"),
+    ("train.mirror=1", "key 'train.mirror' must be bool, got 1"),
+    ("train.base_lr=.nan", "key 'train.base_lr' must be float, got nan"),
+    ("train.base_lr=.inf", "key 'train.base_lr' must be float, got inf"),
+    ("train.base_lr=0", "key 'train.base_lr' must be > 0, got 0"),
+    ("train.batch_size=0", "key 'train.batch_size' must be >= 1, got 0"),
+    ("train.lr_policy=linear", "key 'train.lr_policy' must be 'step' or 'poly', got 'linear'"),
+    ("train.crop_size=0", "key 'train.crop_size' must be a positive number of pixels (or null: the release's crop), got 0"),
+    ("train.output_stride=12", "key 'train.output_stride' must be 8, 16 or 32, got 12"),
+    ("test.scales=[1.0, x]", "key 'test.scales[1]' must be float, got 'x'"),
+    ("test.scales=[]", "key 'test.scales' must be a non-empty list of positive factors, got []"),
+    ("model.multi_grid=[1, x]", "key 'model.multi_grid' must be list of int or null, got [1, 'x']"),
+    ("data.palette=[[1, 2, x]]", "key 'data.palette' must be list of list of int or null, got [[1, 2, 'x']]"),
+    ("train.lr_mult={fc8: [1, -2]}", "key 'train.lr_mult.fc8' must be [weight_mult, bias_mult], two numbers >= 0, got [1, -2]"),
+    ("train=5", "section 'train' must be a mapping, got 5"),
+    ("crf_search.seed=x", "key 'crf_search.seed' must be int, got 'x'"),
+])
+def test_types_and_limits_name_the_set_and_the_key(override, message, tmp_path):
+    """The schema's checks (pydantic: strict ints and bools, floats from ints or PyYAML's ``1e-4`` strings
+    but never NaN or infinity, ``Literal`` choices, ``Field`` limits) told as one line: the ``--set`` that
+    gave the value, the dotted key, what it must be, the value given."""
+    p = _write(tmp_path, "data: {root: data}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, [override])
+    assert str(e.value) == f"--set {override}: {message}"
+
+
+def test_unknown_keys_of_one_section_are_named_together_shallowest_first(tmp_path):
+    p = _write(tmp_path, "data: {root: data}\ntrain: {iterations: x, itrs: 1, bacth_size: 2}\ncrf_search: {num_imgs: 5}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: unknown key 'train.itrs', 'train.bacth_size' (did you mean 'iter_size'?); "
+                                   "known keys here: base_lr, batch_size,")
+    p = _write(tmp_path, "data: {root: data}\ncrf_search: {num_imgs: 5}\nsource: x\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: unknown key 'source'; known keys here: crf, crf_search, data,"):
+        load_config(p)
+
+
+def test_code_may_set_and_build_sections():
+    """Attribute access and assignment work as on plain objects (paths are resolved after loading); a
+    section built in code takes the YAML's defaults (split names of voc) and the same checks."""
+    from pydantic import ValidationError
+
+    from deeplab_v1.config import DataConfig, ExperimentConfig, TrainConfig
+
+    cfg = ExperimentConfig()
+    cfg.output_dir, cfg.data.root = Path("/x/run"), Path("/x/data")
+    assert cfg.run_dir == Path("/x/run") and to_dict(cfg)["data"]["root"] == "/x/data"
+    assert (DataConfig().train_list, DataConfig().test_list) == ("train", "val")
+    assert DataConfig(layout="folder", images="i", labels="l").train_list is None
+    assert TrainConfig(base_lr="1e-4").base_lr == pytest.approx(1e-4)
+    with pytest.raises(ValidationError):
+        TrainConfig(batch_size=True)

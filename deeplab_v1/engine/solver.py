@@ -51,6 +51,13 @@ def match_lr_mult(layer: str, lr_mult: Mapping[str, Sequence[float]]) -> Optiona
     return None
 
 
+def unmatched_lr_mult(model: nn.Module, patterns: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(the ``lr_mult`` patterns that match no layer of ``model``, in their order; the model's layer names
+    (``layer_name_of``), sorted): a pattern that matches nothing is a typo, checked before any work."""
+    layers = sorted(set(layer_name_of(model).values()))
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(layer, p) for layer in layers)], layers
+
+
 def caffe_param_groups(
     model: nn.Module, base_lr: float, weight_decay: float, classifier_lr_mult: float = 10.0,
     classifier_prefixes: tuple[str, ...] = ("fc8", "msc.", "classifier", "aspp", "decoder"),

@@ -36,7 +36,7 @@ def build_model(name: str, num_classes: int = 21, *, crf_rnn: Optional[dict] = N
             ``deeplab-msc``, ``deeplab-msc-largefov`` (v1, VGG-16), the v3/v3+ names and ``tiny-test``.
         num_classes: output channels of the classifier (21 for PASCAL VOC).
         crf_rnn: the keyword arguments of ``crf_rnn.crf_rnn`` (``params``, ``learn``, ``iterations_train``,
-            ``iterations_test``; ``config_crf_rnn.CRFRNNConfig.build_options``): the network wrapped in a
+            ``iterations_test``; ``config.CRFRNNConfig.build_options``): the network wrapped in a
             :class:`CRFasRNN` (the CRF as its last layer, full-resolution logits). None: the plain network.
         **options: variant options (v3/v3+: ``output_stride``, ``multi_grid``, ``separable``, ``root``).
 

@@ -12,14 +12,36 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+import torch
 from torch import nn
 
+from ..config import ExperimentConfig
 from ..context import RunContext, StageError
-from ..models import CRFasRNN, release_spec
+from ..models import CRFasRNN, build_model, release_spec
 from ..engine.checkpoint import save_checkpoint
 from ..engine.precision import set_tf32
+from ..engine.solver import unmatched_lr_mult
 from ..engine.trainer import train
 from .network import initial_model
+
+
+def check_lr_mult(cfg: ExperimentConfig) -> None:
+    """Each ``train.lr_mult`` pattern matches a layer of the model (``engine.solver.unmatched_lr_mult``),
+    checked by the runner before any work; the model is built on the meta device (names only: no memory,
+    no initialisation cost). The values' shape ([weight, bias], >= 0) is the schema's.
+
+    Raises:
+        ConfigError: ``train.lr_mult.<pattern>`` matches no layer; the message names the file (or the
+            ``--set``) and the model's layers.
+    """
+    if not cfg.train.lr_mult:
+        return
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.options())
+    unmatched, layers = unmatched_lr_mult(model, cfg.train.lr_mult)
+    if unmatched:
+        shown = ", ".join(layers[:40]) + (" ..." if len(layers) > 40 else "")
+        raise cfg.key_error(f"train.lr_mult.{unmatched[0]}", f"matches no layer of {cfg.model.name} (layers: {shown})")
 
 
 @contextmanager
