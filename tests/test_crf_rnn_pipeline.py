@@ -214,8 +214,12 @@ def test_the_crf_has_its_own_param_group_and_lr_mult_pattern():
         assert crf_group["lr_mult"] == expect and crf_group["weight_decay"] == 0.0
         fc8 = [g for g in groups if any(p is model.dcnn.fc8.weight for p in g["params"])][0]
         assert fc8["lr_mult"] == 10.0  # the network's classifier rule holds inside the wrapper
-    cfg = load_config(DEFAULT, ["model.crf_rnn.enabled=true", "train.lr_mult={crf: [0, 0]}"], check_paths=False)
-    assert cfg.train.lr_mult == {"crf": [0, 0]}  # the pattern names a layer of the wrapped model
+    from deeplab_v1.stages.train import check_lr_mult
+
+    check_lr_mult(load_config(DEFAULT, ["model.crf_rnn.enabled=true", "train.lr_mult={crf: [0, 0]}"],
+                              check_paths=False))  # the pattern names a layer of the wrapped model ...
+    with pytest.raises(ConfigError, match="train.lr_mult.crf"):  # ... not of the plain one
+        check_lr_mult(load_config(DEFAULT, ["train.lr_mult={crf: [0, 0]}"], check_paths=False))
 
 
 def test_fingerprints_carry_the_section_only_when_it_is_on():
