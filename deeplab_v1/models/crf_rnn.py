@@ -1,5 +1,5 @@
 """DeepLab trained end to end: any network of ``build_model`` followed by the fully connected CRF as a
-layer (CRF-as-RNN, Zheng et al. ICCV 2015 Sec. 4-5; the step DeepLab v1 Sec. 6 names; issue #24 item 3).
+layer (CRF-as-RNN, Zheng et al. ICCV 2015; the step DeepLab v1 Sec. 6 names; issue #24 item 3).
 
 ``CRFasRNN(dcnn, ...)`` holds the network as ``dcnn`` and ``crf.DenseCRFLayer`` as ``crf``, so its state dict
 is the network's keys under ``dcnn.`` and the layer's under ``crf.`` (``train.lr_mult`` addresses the
