@@ -14,6 +14,7 @@ from torch import nn
 
 from deeplab_v1.config import TrainConfig, load_config
 from deeplab_v1.data.datasets import TrainDataset
+from deeplab_v1.data.io import voc_palette
 from deeplab_v1.data.lists import load_samples
 from deeplab_v1.data.loader import TrainBatches, epoch_index, train_loader
 from deeplab_v1.engine.inference import BackgroundWriter, ScoreMap, forward_views, predict, predict_batch, image_views
@@ -261,6 +262,41 @@ def test_tensorboard_logs_loss_lr_and_predictions(tmp_path):
     assert {"train/loss", "train/lr"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
     assert "train/prediction/0" in acc.Tags()["images"] or "train/prediction" in str(acc.Tags()["images"])
+
+
+def test_tensorboard_images_take_the_datasets_palette(tmp_path, monkeypatch):
+    """The prediction and label images TensorBoard shows are in ``data.palette``'s colours, not VOC's
+    (issue #23: a dataset of one's own keeps its colours everywhere). A stand-in SummaryWriter records them."""
+    import types
+
+    from deeplab_v1.runner import Runner
+
+    shown: dict = {}
+
+    class Writer:
+        def __init__(self, log_dir):
+            pass
+
+        def add_scalar(self, *args):
+            pass
+
+        def add_images(self, tag, images, step, dataformats):
+            shown[tag] = images
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    colours = [[10 * c, 255 - 10 * c, 7] for c in range(21)]
+    cfg = load_config(DEFAULT, ["train.iterations=1", "train.batch_size=1", "train.crop_size=81", "train.checkpoint_every=1",
+                                "train.tensorboard=true", "stages=[train]", "model.name=tiny-test", f"data.palette={colours}",
+                                f"output_dir={tmp_path}"])
+    Runner(cfg, progress=False).run()
+    allowed = {tuple(c) for c in colours} | {tuple(voc_palette()[255])}  # 255 (void) keeps VOC's colour
+    for tag in ("train/prediction", "train/label"):
+        seen = {tuple(v) for v in shown[tag].reshape(-1, 3).tolist()}
+        assert seen and seen <= allowed, (tag, seen - allowed)
+    assert {tuple(v) for v in shown["train/label"].reshape(-1, 3).tolist()} - {tuple(voc_palette()[255])}
 
 
 def test_tensorboard_missing_is_a_one_line_error_naming_the_key(tmp_path, monkeypatch, capsys):

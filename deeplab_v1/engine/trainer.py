@@ -85,9 +85,12 @@ def _load_resume_state(checkpoint_dir: Path, log: Callable[[str], None]) -> Opti
     return None if path is None else (path, load_checkpoint(path))
 
 
-def _prediction_images(out: torch.Tensor, labels: torch.Tensor, count: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions, labels) of the first ``count`` crops as (n, h, w, 3) uint8 VOC colours (TensorBoard)."""
-    palette = voc_palette()
+def prediction_images(out: torch.Tensor, labels: torch.Tensor, palette: Optional[np.ndarray] = None,
+                      count: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, labels) of the first ``count`` crops as (n, h, w, 3) uint8 RGB colours (TensorBoard's
+    images): ``out`` (N, C, h, w) scores, ``labels`` (N, h, w) class indices (255 void), ``palette`` (256, 3)
+    uint8 RGB colours of the label values (the dataset's, ``data.layouts.palette``; None: VOC's)."""
+    palette = voc_palette() if palette is None else np.asarray(palette, np.uint8)
     pred = out[:count].detach().argmax(1).to(torch.uint8).cpu().numpy()
     lab = labels[:count].to(torch.uint8).cpu().numpy()
     return palette[pred], palette[lab]
@@ -108,6 +111,7 @@ def train(
     log: Callable[[str], None] = print,
     extra_state: Optional[dict] = None,
     tensorboard: Optional[Any] = None,
+    palette: Optional[np.ndarray] = None,
 ) -> TrainResult:
     """Train ``model`` for ``settings.iterations`` iterations, resuming from the last checkpoint.
 
@@ -130,6 +134,8 @@ def train(
         num_classes: label values above it (but 255) are errors.
         extra_state: metadata stored in every checkpoint (model name, options, config).
         tensorboard: a ``torch.utils.tensorboard.SummaryWriter`` (rank 0) for loss, lr and predictions.
+        palette: (256, 3) uint8 RGB colours of the TensorBoard label images (``data.layouts.palette``;
+            None: VOC's colour map).
 
     Returns:
         ``TrainResult`` with the final checkpoint path.
@@ -248,7 +254,7 @@ def train(
                 tensorboard.add_scalar("train/loss", loss_value, done)
                 tensorboard.add_scalar("train/lr", lr, done)
         if tensorboard is not None and info.is_main and (done % s.checkpoint_every == 0 or done == s.iterations):
-            pred, lab = _prediction_images(out, y)
+            pred, lab = prediction_images(out, y, palette)
             tensorboard.add_images("train/prediction", pred, done, dataformats="NHWC")
             tensorboard.add_images("train/label", lab, done, dataformats="NHWC")
         if done % s.checkpoint_every == 0 or done == s.iterations:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ExperimentConfig
 from ..context import RunContext, StageError
+from ..data.layouts import palette
 from ..models import CRFasRNN, build_model, release_spec
 from ..engine.checkpoint import save_checkpoint
 from ..engine.precision import set_tf32
@@ -105,7 +106,7 @@ def run(ctx: RunContext) -> dict:
             # train.prototxt's label_shrink: INTERP shrink_factor 8, pad_beg -1 for DeepLab's 306 crop
             label_pad_beg=spec.train_label_pad_beg if spec is not None else 0,
             seed=ctx.cfg.seed, num_classes=ctx.cfg.model.num_classes, device=ctx.device, progress=ctx.progress,
-            log=ctx.log.info, tensorboard=board,
+            log=ctx.log.info, tensorboard=board, palette=palette(ctx.cfg.data),
             extra_state={"model": ctx.cfg.model.name, "num_classes": ctx.cfg.model.num_classes, "init": init_desc,
                          **_layer_build(model)},
         )
