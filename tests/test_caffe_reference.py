@@ -391,6 +391,7 @@ def test_forward_largefov_test_at_65(proto):
     assert 0.1 < out["fc8_voc12"].std().item() < 10
 
 
+@pytest.mark.slow
 def test_forward_msc_largefov_test_fuses_at_full_resolution(proto):
     net = _net(proto, "DeepLab-MSc-LargeFOV", "test", "TEST")
     net.weights = random_weights(net, seed=0)

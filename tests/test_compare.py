@@ -43,6 +43,7 @@ def _table_rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_one_table_with_every_run_and_method(runs, tmp_path):
     text, written = compare_runs(runs, tmp_path / "cmp")
     assert (tmp_path / "cmp" / "compare.md").read_text() == text

@@ -98,6 +98,7 @@ def _wait_for(*paths: Path, seconds: float = 120) -> None:
         time.sleep(0.001)
 
 
+@pytest.mark.slow
 def test_two_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
     """A lock file left by a writer that died on another node: two processes take it over at the same
     moment, again and again; in every round exactly one holds the folder, and the other's error names the

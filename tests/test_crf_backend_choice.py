@@ -66,6 +66,7 @@ def test_the_defaults_are_auto():
     assert SearchConfig().strategy == "grid"
 
 
+@pytest.mark.slow
 def test_dense_crf_auto_gives_the_torch_labels_or_the_pydensecrf_labels(tmp_path):
     image, probs, _ = _synthetic(1)
     p = CRFParams(5, 20, 5)
@@ -102,6 +103,7 @@ def search_files(tmp_path_factory):
 GRID = dict(w1=[3.0, 10.0], sigma_alpha=[10.0, 30.0], sigma_beta=[3.0, 10.0], rounds=0)
 
 
+@pytest.mark.slow
 def test_search_records_the_backend_auto_chose(search_files, tmp_path):
     res = run_search(search_files, tmp_path / "auto", SearchConfig(workers=1, **GRID), progress=False)
     best = json.loads((tmp_path / "auto" / "best.json").read_text())
@@ -117,6 +119,7 @@ def test_search_records_the_backend_auto_chose(search_files, tmp_path):
     assert best2["layout"] == "2 processes x 1 thread"
 
 
+@pytest.mark.slow
 def test_search_in_process_batched_torch_equals_torch_in_workers(search_files, tmp_path):
     a = run_search(search_files, tmp_path / "inproc", SearchConfig(workers=1, backend="torch", **GRID), progress=False)
     b = run_search(search_files, tmp_path / "pool", SearchConfig(workers=2, backend="torch", **GRID), progress=False)
@@ -140,6 +143,7 @@ def _crf_tasks(folder: Path, n: int = 4) -> list[CRFTask]:
     return tasks
 
 
+@pytest.mark.slow
 def test_run_crf_many_in_process_equals_one_image_per_worker(tmp_path):
     p = CRFParams(5, 20, 5)
     batched = _crf_tasks(tmp_path / "a")
@@ -234,6 +238,7 @@ def test_default_workers_is_one_process_per_core_at_any_load(monkeypatch, load):
     assert pool.default_workers("torch", "cpu", processes_per_machine=2)[0] == 2
 
 
+@pytest.mark.slow
 def test_search_records_the_default_layout_and_why(search_files, tmp_path, monkeypatch):
     from crf import pool
 

@@ -177,6 +177,7 @@ def test_evaluate_names_predictions_without_labels(tmp_path, capsys):
     assert "x.png: no label x.png in --labels" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["grid", "halving"])
 def test_search_runs_and_writes_best(voc_folders, tmp_path, strategy):
     root, _ = voc_folders
@@ -206,6 +207,7 @@ def test_parse_params():
         parse_params("w1=big")
 
 
+@pytest.mark.slow
 def test_python_dash_m_crf_runs():
     done = subprocess.run([sys.executable, "-m", "crf", "--help"], capture_output=True, text=True, check=True)
     assert "apply" in done.stdout and "search" in done.stdout and "evaluate" in done.stdout

@@ -189,6 +189,7 @@ def voc_files(shared_voc, tmp_path_factory):
     return voc_search_files(shared_voc, slice(10, 19), tmp_path_factory.mktemp("halving_voc"), 0.25, math.floor)
 
 
+@pytest.mark.slow
 def test_halving_finds_the_grids_best_on_voc_with_at_most_40_percent_of_the_runs(voc_files, tmp_path):
     # the backend does not matter here (tests/test_crf_torch.py compares them): pydensecrf on both cores is
     # the fastest on these small images
@@ -213,6 +214,7 @@ def test_halving_finds_the_grids_best_on_voc_with_at_most_40_percent_of_the_runs
     assert math.isclose(half.best_objective, picked)
 
 
+@pytest.mark.slow
 def test_halving_killed_by_sigkill_resumes_where_it_stopped(tmp_path):
     """A real kill (SIGKILL of the search process between two rungs); the rerun makes only the CRF runs
     whose lines were not written, and ends with the uninterrupted search's table."""

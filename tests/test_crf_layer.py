@@ -75,6 +75,7 @@ def test_filter_function_gradcheck_in_float64():
 
 
 # ---------------------------------------------------------------------------- gradients of the layer
+@pytest.mark.slow
 def test_gradcheck_of_scores_and_every_learnable_parameter():
     layer = DenseCRFLayer(3, SMALL).double()
     names = [name for name, _ in layer.named_parameters()]
@@ -159,6 +160,7 @@ def voc(shared_voc):
     return voc_samples(shared_voc, count=2, step=2)
 
 
+@pytest.mark.slow
 def test_initial_layer_gives_dense_crf_and_pydensecrf_labels_on_voc(voc):
     pytest.importorskip("pydensecrf.densecrf")
     params = RELEASE_LARGEFOV

@@ -17,6 +17,7 @@ def small_voc(shared_voc):
     return voc_samples(shared_voc, count=4, step=4)
 
 
+@pytest.mark.slow
 def test_fit_on_voc_lowers_the_fit_objective_reports_the_held_out_share_and_is_json(small_voc):
     images, probs, labels = ([s[i] for s in small_voc] for i in (0, 2, 1))
     start = CRFParams.from_dict({**RELEASE_LARGEFOV.to_dict(), "iterations": 3})

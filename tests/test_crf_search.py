@@ -367,6 +367,7 @@ def test_one_process_two_workers_and_two_ranks_give_identical_tables(voc_samples
     assert set(how) <= set(best3) and set(how) <= set(best1)
 
 
+@pytest.mark.slow
 def test_best_configuration_beats_the_worst_and_the_dcnn_alone(voc_samples, one_process):
     res, _ = one_process
     best, worst = res.rows[0]["miou"], res.rows[-1]["miou"]

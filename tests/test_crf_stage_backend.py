@@ -29,6 +29,7 @@ def _args(out, *extra):
     return [x for o in SEARCH + [f"output_dir={out}", *extra] for x in ("--set", o)]
 
 
+@pytest.mark.slow
 def test_crf_stage_backend_and_the_search_result_are_recorded(tmp_path, small_memory, capsys):
     out = tmp_path / "run"
     assert main(["run", "crf-demo", "--no-progress", *_args(out, "stages=[test, crf_search, crf]")]) == 0

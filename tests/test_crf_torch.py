@@ -108,6 +108,7 @@ def test_lattice_rejects_bad_features():
 
 
 # ---------------------------------------------------------------------------- mean field / API
+@pytest.mark.slow
 def test_grid_equals_single_calls():
     image, probs = _synthetic(36, 44, 4, seed=5)
     grid = [PARAMS_A, PARAMS_B, CRFParams(w1=8, sigma_alpha=50, sigma_beta=5), CRFParams(w1=0, sigma_alpha=20, sigma_beta=3, w2=1, iterations=3)]
@@ -117,6 +118,7 @@ def test_grid_equals_single_calls():
         np.testing.assert_allclose(together[k], dense_crf_torch(image, probs, params), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_batched_equals_unbatched_and_chunked_equals_unchunked():
     first, second = _synthetic(30, 40, 5, seed=6), _synthetic(25, 33, 5, seed=7)
     batched = dense_crf_torch_batch([first[0], second[0]], [first[1], second[1]], PARAMS_A)

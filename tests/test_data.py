@@ -455,6 +455,7 @@ def test_sbd_bad_mat(tmp_path: Path) -> None:
         read_sbd_mat(tmp_path / "junk.mat")
 
 
+@pytest.mark.slow
 def test_sbd_tool(repo_root: Path, tmp_path: Path) -> None:
     cls = tmp_path / "cls"
     cls.mkdir()

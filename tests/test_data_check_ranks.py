@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,7 @@ def _rank(rank: int, port: int, root: str, out: str) -> None:
                                                          "seconds": time.monotonic() - t0}))
 
 
+@pytest.mark.slow
 def test_every_rank_checks_its_share_and_gets_every_verdict(tmp_path):
     root = tmp_path / "VOC2012"
     shutil.copytree(REPO / "experiments" / "sample" / "VOC2012", root)

@@ -87,6 +87,7 @@ def shapes_run(tmp_path_factory):
     return folder, cfg
 
 
+@pytest.mark.slow
 def test_a_folder_dataset_without_void_runs_every_stage_with_its_class_names(shapes_run):
     folder, cfg = shapes_run
     run = cfg.run_dir
@@ -125,6 +126,7 @@ def test_a_folder_dataset_without_void_runs_every_stage_with_its_class_names(sha
     assert (folder / "predict" / "crf" / "field_00.png").is_file() and record
 
 
+@pytest.mark.slow
 def test_python_m_crf_search_takes_the_boundary_band(tmp_path):
     root = tmp_path / "shapes"
     stems = make_folder_dataset(root, count=3, seed=4)

@@ -151,6 +151,7 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow
 def test_compiled_ddp_with_no_sync_gives_the_gradients_of_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -88,6 +88,7 @@ def _assert_close(a: dict, b: dict, what: str) -> None:
         assert err <= 1e-4 * scale + 1e-7, f"{what}: {k} differs by {err} (scale {scale})"
 
 
+@pytest.mark.slow
 def test_batch_split_over_iter_size_and_ranks_gives_the_same_weights(tmp_path):
     """batch 2 == batch 1 x iter_size 2 == 2 gloo ranks x batch 1 (dropout on), after 3 iterations."""
     samples = make_samples(tmp_path / "data")
@@ -104,6 +105,7 @@ def test_batch_split_over_iter_size_and_ranks_gives_the_same_weights(tmp_path):
     assert state["samples_seen"] == 6 and state["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size(tmp_path):
     """2 ranks x batch 1 for 2 iterations, then one process with batch 2 for the third: the weights of 3
     uninterrupted iterations of batch 2."""
@@ -138,6 +140,7 @@ def _on_main_rank(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_rank_0s_error_reaches_every_rank(tmp_path):
     """What rank 0 does alone (the data check, the stage plan) fails on every rank with rank 0's error."""
     mp.spawn(_on_main_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -156,6 +159,7 @@ TINY = ["--set", "train.iterations=2", "--set", "train.batch_size=1", "--set", "
         "--no-progress"]
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_every_rank_at_once(tmp_path):
     """Rank 1 cannot write its first image's score file (a folder is in the way); the job ends within
     seconds with that error, instead of rank 0 waiting for a collective timeout (30 minutes)."""

@@ -205,6 +205,7 @@ def sample_search_inputs(repo_root: Path, tmp_path_factory) -> list[Path]:
     return files
 
 
+@pytest.mark.slow
 def test_search_objectives_equal_the_evaluation_of_the_same_label_maps(sample_search_inputs, tmp_path) -> None:
     """The search's mIoU and trimap_miou of a configuration (results.jsonl, SearchResult) are the evaluation's
     mIoU (ConfusionAccumulator) and trimap mIoU (TrimapAccumulator at that width) of its CRF label maps."""

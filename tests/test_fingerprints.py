@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from deeplab_v1.config import load_config, to_dict
 from deeplab_v1.fingerprints import crf_backend_stamp, search_backend_stamp, stage_inputs
@@ -37,6 +38,7 @@ def _copy_sample(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_fixed_label_redoes_the_diagnostic_test_stage(tmp_path):
     """Degraded-GT scores are made from the labels: a fixed label redoes the test stage (new scores and
     DCNN predictions from the fixed label), and through it the CRF and the evaluation."""
@@ -97,6 +99,7 @@ def test_the_resolved_backend_stamps():
     assert search_backend_stamp({**search, "backend": "torch", "memory_mb": 1}, voc) == "torch"
 
 
+@pytest.mark.slow
 def test_a_budget_that_switches_the_crf_backend_redoes_the_crf_stage(tmp_path):
     """``crf.memory_mb`` is neutral unless it changes the backend ``auto`` runs: torch and pydensecrf
     differ in the last bits, so the crf stage is redone (and says why); a budget that changes nothing
@@ -119,6 +122,7 @@ def test_a_budget_that_switches_the_crf_backend_redoes_the_crf_stage(tmp_path):
                             sorted(p.name for p in (out / "predictions" / "dcnn").glob("*.png")))
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_crf_predictions_gone_fails_or_rebuilds_never_reports_less(tmp_path, capsys):
     """A finished crf stage whose predictions were deleted: `deeplab evaluate --redo` fails with one line
     naming them and leaves no metrics, report or figures of the earlier evaluation; `deeplab run` rebuilds

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU run (on a GPU the whole check runs)")
 def test_gpu_check_runs_the_cpu_parts_here_and_writes_both_files(tmp_path):
     out = tmp_path / "check"

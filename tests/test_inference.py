@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -95,6 +96,7 @@ def test_offset_is_the_test_nets_padding_crop():
     assert back.offset == 7 and torch.allclose(back.upsampled(), sm.upsampled(), atol=2e-2)
 
 
+@pytest.mark.slow
 def test_predict_runs_the_test_net_with_its_geometry():
     import dataclasses
 

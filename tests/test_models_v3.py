@@ -44,6 +44,7 @@ def unit_rates(layer: nn.Sequential) -> list[int]:
     return [unit.conv2.dilation[0] for unit in layer]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", V3_NAMES)
 def test_every_named_model_builds_and_runs(name: str) -> None:
     assert name in MODEL_NAMES
@@ -56,6 +57,7 @@ def test_every_named_model_builds_and_runs(name: str) -> None:
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_output_shapes_for_each_output_stride(r50: nn.Module) -> None:
     r50.eval()
     x = torch.randn(1, 3, 65, 65)
@@ -131,6 +133,7 @@ def test_separable_aspp_and_decoder() -> None:
     assert model.decoder.reduce[0].out_channels == 48
 
 
+@pytest.mark.slow
 def test_set_output_stride_round_trip_gives_the_same_function(r50: nn.Module) -> None:
     r50.eval()
     x = torch.randn(1, 3, 49, 49) * 40
@@ -192,6 +195,7 @@ def test_freeze_batchnorm_helper_and_bn_momentum() -> None:
     assert {bn.momentum for bn in default.modules() if isinstance(bn, nn.BatchNorm2d)} == {0.0003}
 
 
+@pytest.mark.slow
 def test_load_resnet_checkpoint_common_layout(tmp_path) -> None:
     torch.manual_seed(1)
     src = ResNetBackbone(50, root="7x7")

@@ -43,6 +43,7 @@ def test_caffe_layer_names():
         m.caffe_layer("fc9")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size,out", [("deeplab", 306, 39), ("deeplab", 514, 65), ("deeplab-largefov", 321, 41),
                                            ("deeplab-largefov", 513, 65), ("deeplab-msc", 321, 41)])
 def test_score_map_sizes_match_release(name, size, out):
@@ -135,6 +136,7 @@ def test_hole_algorithm_is_exact(base):
                               strided[..., :-1, :-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size,out,stride,offset", [("deeplab", 514, 67, 8, 7), ("deeplab-4x4", 514, 67, 8, 7),
                                                          ("deeplab-largefov", 513, 65, 8, 0),
                                                          ("deeplab-msc", 513, 513, 1, 0)])

@@ -120,6 +120,7 @@ def _scale(maps: list[ScoreMap]) -> float:
     return max(float(np.abs(m.scores).max()) for m in maps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scales,flip", [((1.0,), False), ((0.75, 1.0), True)])
 def test_batched_test_equals_one_image_at_a_time(largefov, scales, flip):
     images = _images()
@@ -222,6 +223,7 @@ def _train(tmp_path: Path, name: str, **kw) -> tuple[dict, float]:
     return load_checkpoint(tmp_path / name / "iter_2.pth"), result.final_loss
 
 
+@pytest.mark.slow
 def test_bf16_and_fp16_training_track_fp32(tmp_path):
     ref, ref_loss = _train(tmp_path, "fp32")
     for precision in ("bf16", "fp16"):

@@ -64,6 +64,7 @@ def predicted(run_dir, images, tmp_path_factory) -> tuple[Path, dict]:
     return out, record
 
 
+@pytest.mark.slow
 def test_labels_have_each_images_size_and_the_voc_palette(predicted, images):
     out, record = predicted
     for path in images:
@@ -109,6 +110,7 @@ def _argmax_up_to_rounding(scores: np.ndarray, labels: np.ndarray, tol: float = 
     assert off.mean() <= 1e-3, f"{off.mean():.2%} of the pixels differ from the argmax"
 
 
+@pytest.mark.slow
 def test_dcnn_labels_are_the_argmax_of_the_test_nets_scores(predicted, images, run_dir):
     """What predict writes is what ``engine.inference.predict`` computes, image by image."""
     out, _ = predicted
@@ -118,6 +120,7 @@ def test_dcnn_labels_are_the_argmax_of_the_test_nets_scores(predicted, images, r
         _argmax_up_to_rounding(scores, np.array(Image.open(out / "dcnn" / f"{path.stem}.png")))
 
 
+@pytest.mark.slow
 def test_batches_give_the_labels_of_one_image_at_a_time(predicted, images, run_dir, tmp_path):
     """Batched (2 per forward, above) and one image per forward write the same labels, up to ties that float
     rounding decides."""
@@ -266,6 +269,7 @@ for budget in sys.argv[4:]:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 def test_the_crf_of_a_large_image_stays_within_its_memory_budget_and_says_what_ran(run_dir, tmp_path):
     """Issue #21 item 8: a 3000 x 2000 photo took 7.4 GB. ``auto`` takes torch only where the image fits the

@@ -259,6 +259,7 @@ def test_a_failed_crf_task_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("deeplab: error: CRF task") and f"{sid}.npz" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_a_fixed_label_redoes_the_stages_that_read_labels(tmp_path):
     """The labels' size and mtime are in the fingerprints of crf_search and evaluate: after a label is
     fixed, the search inputs that embedded the old label are rebuilt; train and test are not redone."""

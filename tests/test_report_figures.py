@@ -52,6 +52,7 @@ def _svg_texts(path) -> list[str]:
     return [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", path.read_text())]
 
 
+@pytest.mark.slow
 def test_halving_figure_marks_exactly_the_dropped_configurations(halving_run):
     """Issue #21: every cell was marked "(dropped early)", the best included, since results.jsonl lists a
     finalist once per rung; and the outlined best must be best.json's (the CRF's parameters)."""
@@ -96,6 +97,7 @@ def test_headline_says_what_the_run_is(tmp_path):
     assert "pipeline check" not in real and "DIAGNOSTIC" not in real and "init.pth" in real
 
 
+@pytest.mark.slow
 def test_report_opens_with_the_headline_and_links_the_figures(demo_run):
     report = demo_run.layout.report.read_text()
     lines = report.splitlines()

@@ -37,6 +37,7 @@ def quick_run(tmp_path_factory):
     return runner, metrics
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(quick_run):
     runner, metrics = quick_run
     d = runner.dir
@@ -67,6 +68,7 @@ def test_run_writes_every_output(quick_run):
     assert crf_rec["params"]["sigma_beta"] == best.get("params", best)["sigma_beta"]
 
 
+@pytest.mark.slow
 def test_rerun_skips_and_redo_reruns(quick_run):
     runner, _ = quick_run
     d = runner.dir
@@ -80,6 +82,7 @@ def test_rerun_skips_and_redo_reruns(quick_run):
     assert again["crf.json"] != before["crf.json"] and again["evaluate.json"] != before["evaluate.json"]
 
 
+@pytest.mark.slow
 def test_training_resumes_exactly(tmp_path):
     """A run killed after 2 of 4 iterations resumes from its checkpoint and ends with the same weights as
     an uninterrupted run (same data order, crops and dropout)."""
@@ -137,6 +140,7 @@ def test_console_script_installed():
     assert out.returncode == 0 and "crf-search" in out.stdout
 
 
+@pytest.mark.slow
 def test_single_stage_redo_reruns_that_stage_alone(quick_run, capsys):
     """``deeplab crf EXP --redo`` reruns the crf stage and nothing after it; ``deeplab evaluate`` then
     reruns nothing."""
@@ -171,6 +175,7 @@ def test_v3_models_train_and_evaluate_through_the_runner(name, tmp_path):
     assert int(sm["stride"]) == (4 if "plus" in name else 8)  # evaluated at output_stride 8 (v3+: decoder, 4)
 
 
+@pytest.mark.slow
 def test_experiment_runs_from_a_converted_init(tmp_path):
     """`init:` takes a release-style .caffemodel or the checkpoint `deeplab convert` makes of it; both give
     the same scores, which come from those weights (not the random initialisation)."""
@@ -201,6 +206,7 @@ def test_experiment_runs_from_a_converted_init(tmp_path):
     assert np.allclose(scores["largefov.pth"].astype(np.float32), direct.scores, atol=2e-2 * np.abs(direct.scores).max())
 
 
+@pytest.mark.slow
 def test_msc_largefov_from_a_largefov_checkpoint_trains_only_the_branches(tmp_path):
     """The release's MSc protocol (DeepLab-MSc-LargeFOV/train.prototxt, paper Sec. 4.3) as the shipped
     experiment encodes it: init from a trained LargeFOV, the branches start new (no flag), conv1_1 ... fc8

@@ -65,6 +65,7 @@ def test_the_ranks_shares_of_one_plan_hold_every_pair_exactly_once(workers, worl
 # --- two torchrun ranks that see other machines: the one-process results, bit for bit -------------------
 
 
+@pytest.mark.slow
 def test_two_ranks_seeing_other_cores_load_and_memory_give_one_process_results(voc_samples, tmp_path):  # noqa: F811
     """Rank 0 sees 1 core, an idle machine and 128 MiB; rank 1 4 cores, load 50 and 64 GiB (patched in each
     rank, ``search_rank_view.py``): their own layouts, budgets and, from the memory, backends would differ.
@@ -125,6 +126,7 @@ def _synthetic_file(path: Path, seed: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_ranks_whose_files_differ_in_content_stop_with_one_error(tmp_path):
     """The same ids, other contents on rank 1: every rank stops with the error, nothing is summed."""
     import torch.multiprocessing as mp
@@ -212,6 +214,7 @@ def _group_rank(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_the_search_stage_makes_one_gloo_group_reused_and_destroyed(tmp_path):
     import torch.multiprocessing as mp
 

@@ -101,6 +101,7 @@ def test_loss_normalised_by_valid_positions():
         segmentation_loss(scores, labels[:, :1])
 
 
+@pytest.mark.slow
 def test_iter_size_equals_the_larger_batch(tmp_path):
     """Caffe's iter_size: batch 1 x iter_size 2 accumulates the same gradient as batch 2 (here every label
     is valid, so both normalise by the same count; dropout off so that the masks cannot differ)."""

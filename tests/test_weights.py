@@ -304,6 +304,7 @@ def largefov(tmp_path_factory):
     return model, files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["V1", "V2"])
 def test_whole_largefov_roundtrips_exactly(largefov, fmt, tmp_path):
     model, files = largefov
@@ -423,6 +424,7 @@ def test_shape_mismatch_missing_layer_and_class_count(tmp_path):
     assert report.source_kind == "caffemodel-V1+imagenet" and report.new[0] == "fc8" and len(report.new) == 16
 
 
+@pytest.mark.slow
 def test_checkpoints_of_ours_and_of_the_trainer(tmp_path):
     src = _small("deeplab-largefov")
     torch.save({"model_state": src.state_dict(), "optimizer_state": {}, "iteration": 7}, tmp_path / "iter_7.pth")
