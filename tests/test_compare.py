@@ -66,6 +66,7 @@ def test_one_table_with_every_run_and_method(runs, tmp_path):
     assert "**DIAGNOSTIC**" in text
 
 
+@pytest.mark.slow
 def test_one_trimap_figure_in_three_formats(runs, tmp_path):
     _, written = compare_runs(runs, tmp_path / "cmp")
     assert [p.name for p in written] == ["compare.md", "trimap.png", "trimap.pdf", "trimap.svg"]

@@ -50,6 +50,7 @@ def _crf_state(sd: dict) -> dict:
     return {k: v for k, v in sd.items() if k.startswith("crf.")}
 
 
+@pytest.mark.slow
 def test_end_to_end_run_trains_the_crf_tests_with_it_and_skips_the_crf_stages(tmp_path):
     """``deeplab run`` on the shipped sample: the CRF parameters change, the score cache holds the refined
     full-resolution scores, crf_search and crf are skipped (even with the search asked for), evaluate reports."""
@@ -87,6 +88,7 @@ def test_end_to_end_run_trains_the_crf_tests_with_it_and_skips_the_crf_stages(tm
     assert isinstance(pred.model, models.CRFasRNN) and pred.model.iterations_test == 1
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_bit_for_bit(tmp_path):
     """Killed after the iteration-2 checkpoint, the rerun ends with the uninterrupted run's weights, the CRF
     layer's included (its momentum is in the optimiser state)."""
@@ -255,6 +257,7 @@ def _rank(rank: int, world: int, port: int, data: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_crf_layer_as_one_process(tmp_path):
     """DDP carries the CRF parameters: 2 gloo ranks x batch 1 == one process with batch 2."""
     one = _train(tmp_path / "data", tmp_path / "one", batch=2)

@@ -380,6 +380,7 @@ def test_best_configuration_beats_the_worst_and_the_dcnn_alone(voc_samples, one_
     assert best > miou(conf), (best, miou(conf))
 
 
+@pytest.mark.slow
 def test_trimap_objective_scores_the_band_only(voc_samples, tmp_path):
     cfg = SearchConfig(w1=[3.0], sigma_alpha=[20.0], sigma_beta=[3.0, 13.0], rounds=0, objective="trimap_miou",
                        trimap_width=3, workers=1)

@@ -77,6 +77,7 @@ def test_labels_have_each_images_size_and_the_voc_palette(predicted, images):
         assert record["images"][path.stem]["height"] == h and record["images"][path.stem]["width"] == w
 
 
+@pytest.mark.slow
 def test_overlay_shows_image_dcnn_and_crf_side_by_side(predicted, images):
     out, _ = predicted
     for path in images:

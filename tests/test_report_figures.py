@@ -108,6 +108,7 @@ def test_report_opens_with_the_headline_and_links_the_figures(demo_run):
         assert f"(figures/{name}.png)" in report
 
 
+@pytest.mark.slow
 def test_every_figure_in_png_pdf_and_svg(demo_run):
     folder = demo_run.layout.root / "figures"
     for name in ("qualitative", "crf_search", "trimap"):
