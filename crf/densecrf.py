@@ -428,10 +428,10 @@ def _infer(neg_unary: torch.Tensor, kernels: list[Kernel], iterations: int) -> t
     """``(N, C)`` marginals after ``iterations`` steps; Potts terms with symmetric normalisation (DeepLab's
     model) take ``crf.torch_backend.mean_field``, which applies the weights on the lattice."""
     if kernels and all(k.compat.kind == "potts" and k.normalization == NORMALIZE_SYMMETRIC for k in kernels):
-        from .torch_backend import PairwiseTerm, mean_field
+        from .torch_backend import PairwiseTerm, mean_field_points
 
         terms = [PairwiseTerm(k.lattice, k.compat.value.reshape(1), norm=k.norm) for k in kernels]
-        return mean_field((-neg_unary).T.unsqueeze(0), terms, iterations)[0].T
+        return mean_field_points(neg_unary, terms, iterations)
     q = torch.softmax(neg_unary, dim=1)
     for _ in range(iterations):
         q = step(neg_unary, kernels, q)[0]
