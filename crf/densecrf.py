@@ -159,13 +159,16 @@ class DenseCRF:
                                 "crf.densecrf; pass the energies U = -log P alone")
         where = _where("setUnaryEnergy", "u (the unary energy)")
         u = _float32_array(u, where, (self._c, self._n), finite=False)
-        if np.isnan(u).any() or (u == -np.inf).any():
-            raise CRFInputError(f"{where} holds NaN or -inf values")
-        blocked = np.isinf(u).all(axis=0)
-        if blocked.any():
-            raise CRFInputError(f"{where} is +inf for every label at {int(blocked.sum())} pixel(s), e.g. pixel "
-                                f"{int(np.argmax(blocked))}; clip the probabilities (unary_from_softmax's clip)")
-        self._neg_unary = (-_tensor(u).T).contiguous().to(self._device)
+        if not np.isfinite(u).all():
+            if np.isnan(u).any() or (u == -np.inf).any():
+                raise CRFInputError(f"{where} holds NaN or -inf values")
+            blocked = np.isinf(u).all(axis=0)
+            if blocked.any():
+                raise CRFInputError(f"{where} is +inf for every label at {int(blocked.sum())} pixel(s), e.g. "
+                                    f"pixel {int(np.argmax(blocked))}; clip the probabilities (unary_from_softmax's clip)")
+        # -U points-major, (n_pixels, n_labels): one pass that negates and transposes
+        neg_unary = torch.neg(_tensor(u).T, out=torch.empty(self._n, self._c, dtype=torch.float32))
+        self._neg_unary = neg_unary.to(self._device)
 
     def setUnary(self, u: Any) -> None:  # noqa: N802
         """Not supported: pydensecrf's ``Unary`` objects are for parameter learning.

@@ -72,8 +72,7 @@ def unary_from_probs(probs: torch.Tensor) -> torch.Tensor:
 
 def symmetric_normalization(lattice: PermutohedralLattice) -> torch.Tensor:
     """densecrf's NORMALIZE_SYMMETRIC factor ``1 / sqrt(K(1) + 1e-20)``, float32 ``(N,)``."""
-    ones = torch.ones(lattice.num_points, 1, dtype=torch.float32, device=lattice.device)
-    return torch.rsqrt(lattice.filter(ones)[:, 0] + 1e-20)
+    return torch.rsqrt(lattice.filter_ones() + 1e-20)
 
 
 @dataclass
