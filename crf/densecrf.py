@@ -31,7 +31,8 @@ What differs:
 * Unsupported (named in the error): ``setUnary`` and ``setUnaryEnergy(u, n)`` (the learning-time unaries
   ``ConstUnary`` / ``LogisticUnary``). Kernel types (``CONST_KERNEL``, ``DIAG_KERNEL``, ``FULL_KERNEL``)
   only say what densecrf's parameter learning may change; inference ignores them, here as there.
-* Extras: ``device="cuda"`` on the constructors, and :func:`inference_batch` for many images at once.
+* Extras: ``device="cuda"`` on the constructors, and :func:`inference_batch` for many images at once
+  (in this process, or on every core with ``workers``).
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ class DenseCRF:
         self._terms: list[tuple[torch.Tensor, Compatibility, NormalizationType]] = []
         self._kernels: list[Kernel] | None = None
         self._cache_keys: list[tuple | None] = []  # a term's key in _POSITION_LATTICES, None: built per object
+
+    def __getstate__(self) -> dict:
+        # sent to a worker of inference_batch: the model, not the lattices built from it
+        return {**self.__dict__, "_kernels": None}
 
     # ------------------------------------------------------------------ the model
     def setUnaryEnergy(self, u: np.ndarray, n: np.ndarray | None = None) -> None:  # noqa: N802 (pydensecrf's name)
@@ -397,23 +402,34 @@ def _check_batch(crfs: Sequence[DenseCRF]) -> None:
                                     "dimension, compatibility or normalization); batch CRFs of one model only")
 
 
-def inference_batch(crfs: Sequence[DenseCRF], n_iterations: int) -> list[np.ndarray]:
-    """Extra: the inference of several CRFs of one model at once (images of any sizes).
+def inference_batch(crfs: Sequence[DenseCRF], n_iterations: int, *, workers: int | None = 1) -> list[np.ndarray]:
+    """Extra: the inference of several CRFs of one model at once (images of any sizes), in this process or
+    on every core.
 
     The CRFs must have the same labels, device, and terms of the same kind in the same order (feature
-    dimension, compatibility, normalization); their points run as separate segments of one lattice per
-    term, so each result equals ``crfs[b].inference(n_iterations)``.
+    dimension, compatibility, normalization). With ``workers=1`` their points run as separate segments
+    of one lattice per term in this process (on CUDA: one batch on the GPU). With ``workers`` None (one
+    per available core) or > 1, on CPU, each CRF is one task of a pool of single-threaded worker
+    processes (``crf.pool``; the layout that stays fast on a busy machine), the way a pipeline would run
+    pydensecrf on every core; the pool is started on first use and kept for later calls with the same
+    number of workers. Either way each result equals ``crfs[b].inference(n_iterations)``.
 
     Returns:
-        One float32 ``(n_labels, n_pixels_b)`` array per CRF (column-major, as pydensecrf's).
+        One float32 ``(n_labels, n_pixels_b)`` array per CRF (column-major, as pydensecrf's), in order.
 
     Raises:
-        CRFInputError: an empty batch, CRFs of different models (the first difference named), or
-            ``n_iterations`` not an integer >= 0.
+        CRFInputError: an empty batch, CRFs of different models (the first difference named),
+            ``n_iterations`` not an integer >= 0, or ``workers`` not None or an integer >= 1.
+        CRFTaskError: a worker process died (e.g. killed for memory).
     """
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, (int, np.integer)) or n_iterations < 0:
         raise CRFInputError(f"inference: n_iterations must be an integer >= 0, got {n_iterations!r}")
+    from .pool import resolve_workers
+
+    workers = resolve_workers(workers)
     _check_batch(crfs)
+    if workers > 1 and len(crfs) > 1 and crfs[0]._device.type == "cpu":
+        return _inference_pooled(crfs, int(n_iterations), workers)
     sizes = [c._n for c in crfs]
     if len(crfs) == 1:
         neg_unary, kernels = crfs[0]._ready()
@@ -425,6 +441,33 @@ def inference_batch(crfs: Sequence[DenseCRF], n_iterations: int) -> list[np.ndar
         q = _infer(neg_unary, kernels, int(n_iterations))
     # (n_labels, n_pixels) views of (n_pixels, n_labels) memory: the layout of pydensecrf's MatrixXf
     return [part.cpu().numpy().T for part in torch.split(q.contiguous(), sizes, dim=0)]
+
+
+#: The worker pool of inference_batch(workers > 1): (workers, executor), started on first use.
+_POOL: list = []
+
+
+def _inference_pooled(crfs: Sequence[DenseCRF], n_iterations: int, workers: int) -> list[np.ndarray]:
+    """Each CRF's ``inference(n_iterations)`` as one task of the kept pool of ``workers`` processes."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .errors import CRFTaskError
+    from .pool import make_executor
+
+    if _POOL and _POOL[0][0] != workers:
+        _POOL.pop()[1].shutdown()
+    if not _POOL:
+        _POOL.append((workers, make_executor(workers, "torch")))
+    try:
+        return list(_POOL[0][1].map(_inference_task, crfs, [n_iterations] * len(crfs)))
+    except BrokenProcessPool as exc:
+        _POOL.pop()
+        raise CRFTaskError(f"inference_batch: a worker process died ({exc}); was it killed for memory?") from exc
+
+
+def _inference_task(crf: DenseCRF, n_iterations: int) -> np.ndarray:
+    """In a worker: one CRF's inference (pickled back by value, in its column-major layout)."""
+    return crf.inference(n_iterations)
 
 
 def _infer(neg_unary: torch.Tensor, kernels: list[Kernel], iterations: int) -> torch.Tensor:

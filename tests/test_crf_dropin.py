@@ -157,6 +157,31 @@ def test_batch_equals_one_by_one(pairs):
         np.testing.assert_allclose(batched, one, atol=1e-4)
 
 
+def test_batch_on_worker_processes_equals_one_by_one(pairs):
+    """inference_batch(workers=2): one task per CRF on a pool of two single-threaded processes (the every-core
+    layout of a pipeline); each result is the CRF's own inference, in order, bit for bit."""
+    crfs, alone = [], []
+    for rgb, label, probs in pairs + pairs[:1]:
+        h, w = label.shape
+        d = dcrf.DenseCRF2D(w, h, C)
+        d.setUnaryEnergy(dutils.unary_from_softmax(probs))
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=50, srgb=3, rgbim=rgb, compat=5)
+        crfs.append(d)
+        alone.append(d.inference(3))  # built lattices stay here: a worker gets the model only
+    try:
+        pooled = dcrf.inference_batch(crfs, 3, workers=2)
+        assert len(pooled) == len(alone)
+        for one, other in zip(alone, pooled):
+            assert other.shape == one.shape and other.dtype == np.float32
+            np.testing.assert_array_equal(other, one)
+        with pytest.raises(CRFInputError, match="workers"):
+            dcrf.inference_batch(crfs, 3, workers=0)
+    finally:
+        while dcrf._POOL:
+            dcrf._POOL.pop()[1].shutdown()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 def test_cuda_equals_pydensecrf(pairs):
