@@ -31,7 +31,8 @@ What differs:
 * Unsupported (named in the error): ``setUnary`` and ``setUnaryEnergy(u, n)`` (the learning-time unaries
   ``ConstUnary`` / ``LogisticUnary``). Kernel types (``CONST_KERNEL``, ``DIAG_KERNEL``, ``FULL_KERNEL``)
   only say what densecrf's parameter learning may change; inference ignores them, here as there.
-* Extras: ``device="cuda"`` on the constructors, and :func:`inference_batch` for many images at once.
+* Extras: ``device="cuda"`` on the constructors, and :func:`inference_batch` for many images at once
+  (in this process, or on every core with ``workers``).
 """
 
 from __future__ import annotations
@@ -143,6 +144,10 @@ class DenseCRF:
         self._kernels: list[Kernel] | None = None
         self._cache_keys: list[tuple | None] = []  # a term's key in _POSITION_LATTICES, None: built per object
 
+    def __getstate__(self) -> dict:
+        # sent to a worker of inference_batch: the model, not the lattices built from it
+        return {**self.__dict__, "_kernels": None}
+
     # ------------------------------------------------------------------ the model
     def setUnaryEnergy(self, u: np.ndarray, n: np.ndarray | None = None) -> None:  # noqa: N802 (pydensecrf's name)
         """Set the unary energy ``U``: float32 C-contiguous ``(n_labels, n_pixels)`` (e.g.
@@ -159,13 +164,16 @@ class DenseCRF:
                                 "crf.densecrf; pass the energies U = -log P alone")
         where = _where("setUnaryEnergy", "u (the unary energy)")
         u = _float32_array(u, where, (self._c, self._n), finite=False)
-        if np.isnan(u).any() or (u == -np.inf).any():
-            raise CRFInputError(f"{where} holds NaN or -inf values")
-        blocked = np.isinf(u).all(axis=0)
-        if blocked.any():
-            raise CRFInputError(f"{where} is +inf for every label at {int(blocked.sum())} pixel(s), e.g. pixel "
-                                f"{int(np.argmax(blocked))}; clip the probabilities (unary_from_softmax's clip)")
-        self._neg_unary = (-_tensor(u).T).contiguous().to(self._device)
+        if not np.isfinite(u).all():
+            if np.isnan(u).any() or (u == -np.inf).any():
+                raise CRFInputError(f"{where} holds NaN or -inf values")
+            blocked = np.isinf(u).all(axis=0)
+            if blocked.any():
+                raise CRFInputError(f"{where} is +inf for every label at {int(blocked.sum())} pixel(s), e.g. "
+                                    f"pixel {int(np.argmax(blocked))}; clip the probabilities (unary_from_softmax's clip)")
+        # -U points-major, (n_pixels, n_labels): one pass that negates and transposes
+        neg_unary = torch.neg(_tensor(u).T, out=torch.empty(self._n, self._c, dtype=torch.float32))
+        self._neg_unary = neg_unary.to(self._device)
 
     def setUnary(self, u: Any) -> None:  # noqa: N802
         """Not supported: pydensecrf's ``Unary`` objects are for parameter learning.
@@ -394,23 +402,34 @@ def _check_batch(crfs: Sequence[DenseCRF]) -> None:
                                     "dimension, compatibility or normalization); batch CRFs of one model only")
 
 
-def inference_batch(crfs: Sequence[DenseCRF], n_iterations: int) -> list[np.ndarray]:
-    """Extra: the inference of several CRFs of one model at once (images of any sizes).
+def inference_batch(crfs: Sequence[DenseCRF], n_iterations: int, *, workers: int | None = 1) -> list[np.ndarray]:
+    """Extra: the inference of several CRFs of one model at once (images of any sizes), in this process or
+    on every core.
 
     The CRFs must have the same labels, device, and terms of the same kind in the same order (feature
-    dimension, compatibility, normalization); their points run as separate segments of one lattice per
-    term, so each result equals ``crfs[b].inference(n_iterations)``.
+    dimension, compatibility, normalization). With ``workers=1`` their points run as separate segments
+    of one lattice per term in this process (on CUDA: one batch on the GPU). With ``workers`` None (one
+    per available core) or > 1, on CPU, each CRF is one task of a pool of single-threaded worker
+    processes (``crf.pool``; the layout that stays fast on a busy machine), the way a pipeline would run
+    pydensecrf on every core; the pool is started on first use and kept for later calls with the same
+    number of workers. Either way each result equals ``crfs[b].inference(n_iterations)``.
 
     Returns:
-        One float32 ``(n_labels, n_pixels_b)`` array per CRF (column-major, as pydensecrf's).
+        One float32 ``(n_labels, n_pixels_b)`` array per CRF (column-major, as pydensecrf's), in order.
 
     Raises:
-        CRFInputError: an empty batch, CRFs of different models (the first difference named), or
-            ``n_iterations`` not an integer >= 0.
+        CRFInputError: an empty batch, CRFs of different models (the first difference named),
+            ``n_iterations`` not an integer >= 0, or ``workers`` not None or an integer >= 1.
+        CRFTaskError: a worker process died (e.g. killed for memory).
     """
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, (int, np.integer)) or n_iterations < 0:
         raise CRFInputError(f"inference: n_iterations must be an integer >= 0, got {n_iterations!r}")
+    from .pool import resolve_workers
+
+    workers = resolve_workers(workers)
     _check_batch(crfs)
+    if workers > 1 and len(crfs) > 1 and crfs[0]._device.type == "cpu":
+        return _inference_pooled(crfs, int(n_iterations), workers)
     sizes = [c._n for c in crfs]
     if len(crfs) == 1:
         neg_unary, kernels = crfs[0]._ready()
@@ -424,14 +443,41 @@ def inference_batch(crfs: Sequence[DenseCRF], n_iterations: int) -> list[np.ndar
     return [part.cpu().numpy().T for part in torch.split(q.contiguous(), sizes, dim=0)]
 
 
+#: The worker pool of inference_batch(workers > 1): (workers, executor), started on first use.
+_POOL: list = []
+
+
+def _inference_pooled(crfs: Sequence[DenseCRF], n_iterations: int, workers: int) -> list[np.ndarray]:
+    """Each CRF's ``inference(n_iterations)`` as one task of the kept pool of ``workers`` processes."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .errors import CRFTaskError
+    from .pool import make_executor
+
+    if _POOL and _POOL[0][0] != workers:
+        _POOL.pop()[1].shutdown()
+    if not _POOL:
+        _POOL.append((workers, make_executor(workers, "torch")))
+    try:
+        return list(_POOL[0][1].map(_inference_task, crfs, [n_iterations] * len(crfs)))
+    except BrokenProcessPool as exc:
+        _POOL.pop()
+        raise CRFTaskError(f"inference_batch: a worker process died ({exc}); was it killed for memory?") from exc
+
+
+def _inference_task(crf: DenseCRF, n_iterations: int) -> np.ndarray:
+    """In a worker: one CRF's inference (pickled back by value, in its column-major layout)."""
+    return crf.inference(n_iterations)
+
+
 def _infer(neg_unary: torch.Tensor, kernels: list[Kernel], iterations: int) -> torch.Tensor:
     """``(N, C)`` marginals after ``iterations`` steps; Potts terms with symmetric normalisation (DeepLab's
     model) take ``crf.torch_backend.mean_field``, which applies the weights on the lattice."""
     if kernels and all(k.compat.kind == "potts" and k.normalization == NORMALIZE_SYMMETRIC for k in kernels):
-        from .torch_backend import PairwiseTerm, mean_field
+        from .torch_backend import PairwiseTerm, mean_field_points
 
         terms = [PairwiseTerm(k.lattice, k.compat.value.reshape(1), norm=k.norm) for k in kernels]
-        return mean_field((-neg_unary).T.unsqueeze(0), terms, iterations)[0].T
+        return mean_field_points(neg_unary, terms, iterations)
     q = torch.softmax(neg_unary, dim=1)
     for _ in range(iterations):
         q = step(neg_unary, kernels, q)[0]

@@ -91,8 +91,7 @@ class Kernel:
         self.lattice = lattice
         self.compat = compat
         self.normalization = NormalizationType(normalization)
-        ones = torch.ones(self.lattice.num_points, 1, dtype=torch.float32, device=self.lattice.device)
-        norm = self.lattice.filter(ones)[:, 0]
+        norm = self.lattice.filter_ones()
         if self.normalization == NormalizationType.NORMALIZE_SYMMETRIC:
             self.norm = torch.rsqrt(norm + 1e-20)
         else:

@@ -43,20 +43,9 @@ from .step_times import StepTimes, Step, profile_steps
 from .errors import CRFInputError
 from .memory import LatticeCache, out_of_memory_hint
 
-__all__ = [
-    "PairwiseTerm",
-    "mean_field",
-    "unary_from_probs",
-    "symmetric_normalization",
-    "resolve_device",
-    "dense_crf_torch",
-    "dense_crf_torch_grid",
-    "dense_crf_torch_batch",
-    "dense_crf_torch_grid_batch",
-    "dense_crf_tensor",
-    "StepTimes",
-    "profile_steps",
-]
+__all__ = ["PairwiseTerm", "mean_field", "mean_field_points", "unary_from_probs", "symmetric_normalization",
+           "resolve_device", "dense_crf_torch", "dense_crf_torch_grid", "dense_crf_torch_batch",
+           "dense_crf_torch_grid_batch", "dense_crf_tensor", "StepTimes", "profile_steps"]
 
 # One unary convention for both backends: probabilities clipped at crf.inputs.PROB_EPSILON before the log.
 PROB_CLIP = PROB_EPSILON
@@ -83,8 +72,7 @@ def unary_from_probs(probs: torch.Tensor) -> torch.Tensor:
 
 def symmetric_normalization(lattice: PermutohedralLattice) -> torch.Tensor:
     """densecrf's NORMALIZE_SYMMETRIC factor ``1 / sqrt(K(1) + 1e-20)``, float32 ``(N,)``."""
-    ones = torch.ones(lattice.num_points, 1, dtype=torch.float32, device=lattice.device)
-    return torch.rsqrt(lattice.filter(ones)[:, 0] + 1e-20)
+    return torch.rsqrt(lattice.filter_ones() + 1e-20)
 
 
 @dataclass
@@ -171,29 +159,61 @@ def mean_field(
     k = int(num_configs) if num_configs is not None else k_in
     if k_in not in (1, k):
         raise CRFInputError(f"unary has K={k_in} configurations but num_configs={k}")
+    device = unary.device
+    _check_terms(terms, n, k, iterations)
+    # Points-major layout (N, K, C): the lattices filter rows of (configurations x labels) channels.
+    neg_unary = (-unary.to(torch.float32)).permute(2, 0, 1).contiguous()  # (N, k_in, C)
+    out_shape = (k, n) if labels_only else (k, c, n)
+    out = torch.empty(out_shape, dtype=torch.int64 if labels_only else torch.float32, device=device)
+    for g0, q in _mean_field_groups(neg_unary, terms, iterations, k, memory_mb):
+        kg = q.shape[1]
+        if labels_only:
+            out[g0 : g0 + kg] = q.argmax(dim=2).T
+        else:
+            out[g0 : g0 + kg] = q.permute(1, 2, 0)
+    return out
+
+
+def mean_field_points(neg_unary: torch.Tensor, terms: Sequence[PairwiseTerm], iterations: int = 10) -> torch.Tensor:
+    """:func:`mean_field` of one configuration in the points-major layout (``crf.densecrf``'s), with no
+    transposition on the way in or out: float32 ``(N, C)`` minus the unary energies -> float32 ``(N, C)``
+    marginals Q (contiguous), the same values as ``mean_field(-neg_unary.T, terms, iterations)[0].T``.
+
+    Raises:
+        CRFInputError (a ValueError): as :func:`mean_field`.
+    """
+    if neg_unary.dim() != 2:
+        raise CRFInputError(f"neg_unary must be (N, C), got shape {tuple(neg_unary.shape)}")
+    _check_terms(terms, neg_unary.shape[0], 1, iterations)
+    neg_unary = neg_unary.to(torch.float32).contiguous()[:, None]
+    ((_, q),) = _mean_field_groups(neg_unary, terms, iterations, 1, DEFAULT_MEMORY_MB)
+    return q[:, 0]
+
+
+def _check_terms(terms: Sequence[PairwiseTerm], n: int, k: int, iterations: int) -> None:
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise CRFInputError(f"iterations must be an integer >= 0, got {iterations!r}")
-    device = unary.device
     for index, term in enumerate(terms):
         if term.lattice.num_points != n:
             raise CRFInputError(f"terms[{index}]: lattice has N={term.lattice.num_points} points, unary has N={n}")
         if term.weights.numel() != k:
             raise CRFInputError(f"terms[{index}]: {term.weights.numel()} weights for {k} configurations")
+
+
+def _mean_field_groups(neg_unary: torch.Tensor, terms: Sequence[PairwiseTerm], iterations: int, k: int,
+                       memory_mb: float):
+    """The loop of :func:`mean_field` on checked inputs: ``neg_unary`` float32 ``(N, k_in, C)``
+    contiguous, ``k_in`` 1 (shared) or K. Yields ``(g0, Q)`` per group of configurations ``g0 ..
+    g0 + kg - 1``, Q float32 ``(N, kg, C)`` (contiguous after an iteration)."""
+    n, k_in, c = neg_unary.shape
+    device = neg_unary.device
+    shared = k_in == 1
     # a zero Potts weight adds exactly nothing (densecrf adds -0 * message)
     active = [t for t in terms if bool((t.weights != 0).any())]
-
-    # Points-major layout (N, K, C): the lattices filter rows of (configurations x labels) channels.
-    neg_unary = (-unary.to(torch.float32)).permute(2, 0, 1).contiguous()  # (N, k_in, C)
-    shared = k_in == 1
-    out_shape = (k, n) if labels_only else (k, c, n)
-    out = torch.empty(out_shape, dtype=torch.int64 if labels_only else torch.float32, device=device)
     if iterations == 0 or not active:
         q = torch.softmax(neg_unary, dim=2)
-        if labels_only:
-            out.copy_(q.argmax(dim=2).T.expand(k, n) if shared else q.argmax(dim=2).T)
-        else:
-            out.copy_(q.permute(1, 2, 0).expand(k, c, n))
-        return out
+        yield 0, q.expand(n, k, c)
+        return
 
     # One gather slices every kernel: bags of sum(d_t + 1) rows of the concatenated lattice values,
     # weighted by barycentric weight x normalisation x alpha.
@@ -232,7 +252,8 @@ def mean_field(
                 for ti, t in enumerate(active):
                     if q is None and first is not None:
                         with Step("compatibility", device):
-                            lat = first[ti].repeat(1, kg)[:, s:e] * channel_w[ti][s:e]
+                            lat = first[ti] if kg == 1 else first[ti].repeat(1, kg)
+                            lat = lat[:, s:e] * channel_w[ti][s:e]
                     else:
                         if q is None:
                             with Step("softmax", device):
@@ -257,11 +278,7 @@ def mean_field(
                 energy.add_(nu)
             with Step("softmax", device):
                 q = torch.softmax(energy, dim=2)
-        if labels_only:
-            out[g0 : g0 + kg] = q.argmax(dim=2).T
-        else:
-            out[g0 : g0 + kg] = q.permute(1, 2, 0)
-    return out
+        yield g0, q
 
 
 # ---------------------------------------------------------------------- numpy entry points

@@ -142,19 +142,43 @@ def test_constants_have_pydensecrf_values():
         assert int(getattr(dcrf, name)) == int(getattr(pyd, name)), name
 
 
-def test_batch_equals_one_by_one(pairs):
-    crfs, alone = [], []
+def softmax_crfs(pairs, sxy: float, srgb: float, compat: float) -> list:
+    """One DenseCRF2D per pair: the softmax script's model with the bilateral term's sxy, srgb, compat."""
+    crfs = []
     for rgb, label, probs in pairs:
         h, w = label.shape
         d = dcrf.DenseCRF2D(w, h, C)
         d.setUnaryEnergy(dutils.unary_from_softmax(probs))
         d.addPairwiseGaussian(sxy=3, compat=3)
-        d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=rgb, compat=10)
+        d.addPairwiseBilateral(sxy=sxy, srgb=srgb, rgbim=rgb, compat=compat)
         crfs.append(d)
-        alone.append(d.inference(5))
+    return crfs
+
+
+def test_batch_equals_one_by_one(pairs):
+    crfs = softmax_crfs(pairs, 80, 13, 10)
+    alone = [d.inference(5) for d in crfs]
     for one, batched in zip(alone, dcrf.inference_batch(crfs, 5)):
         assert (one.argmax(0) == batched.argmax(0)).mean() >= 0.999
         np.testing.assert_allclose(batched, one, atol=1e-4)
+
+
+def test_batch_on_worker_processes_equals_one_by_one(pairs):
+    """inference_batch(workers=2): one task per CRF on a pool of two single-threaded processes (the every-core
+    layout of a pipeline); each result is the CRF's own inference, in order, bit for bit."""
+    crfs = softmax_crfs(pairs + pairs[:1], 50, 3, 5)
+    alone = [d.inference(3) for d in crfs]  # built lattices stay here: a worker gets the model only
+    try:
+        pooled = dcrf.inference_batch(crfs, 3, workers=2)
+        assert len(pooled) == len(alone)
+        for one, other in zip(alone, pooled):
+            assert other.shape == one.shape and other.dtype == np.float32
+            np.testing.assert_array_equal(other, one)
+        with pytest.raises(CRFInputError, match="workers"):
+            dcrf.inference_batch(crfs, 3, workers=0)
+    finally:
+        while dcrf._POOL:
+            dcrf._POOL.pop()[1].shutdown()
 
 
 @pytest.mark.cuda

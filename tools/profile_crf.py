@@ -15,6 +15,13 @@ a warm-up (the Gaussian lattice cache, the allocator) and is not counted.
 
     python tools/profile_crf.py --voc-root /data/VOCdevkit/VOC2012 --threads 1
     python tools/profile_crf.py --scale 0.25        # a quarter-size image: where per-call overhead shows
+    python tools/profile_crf.py --dropin 5,50,3     # the pydensecrf drop-in (crf.densecrf) by phase
+
+``--dropin w1,sigma_alpha,sigma_beta`` profiles instead the pydensecrf-style script of
+``tools/bench_crf_dropin.py`` (Gaussian sxy 3 / compat 3, bilateral of those parameters, 10 iterations)
+run with ``crf.densecrf``: CPU milliseconds (this process, one thread by default) of each phase --
+``setUnaryEnergy``, the ``add*`` calls, the lattices and their normalisation, the inference by step --
+next to pydensecrf's fixed cost (``inference(0)``: its lattices) and its whole script.
 """
 
 from __future__ import annotations
@@ -86,6 +93,60 @@ def table(title: str, steps: dict, wall: float, k: int, pyd: float) -> str:
     return "\n".join(lines)
 
 
+def dropin_phases(module, image: np.ndarray, probs: np.ndarray, params: tuple, iterations: int) -> dict:
+    """CPU seconds of each phase of the drop-in script with ``module`` (``crf.densecrf`` or pydensecrf's)."""
+    from crf.utils import unary_from_softmax
+
+    w1, sigma_alpha, sigma_beta = params
+    c, h, w = probs.shape
+    phases, t0 = {}, time.process_time()
+
+    def mark(name: str) -> None:
+        nonlocal t0
+        phases[name] = time.process_time() - t0
+        t0 = time.process_time()
+
+    d = module.DenseCRF2D(w, h, c)
+    unary = unary_from_softmax(probs)
+    mark("unary_from_softmax")
+    d.setUnaryEnergy(unary)
+    mark("setUnaryEnergy")
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=sigma_alpha, srgb=sigma_beta, rgbim=image, compat=w1)
+    mark("addPairwise*")
+    if hasattr(d, "_ready"):
+        d._ready()
+        mark("lattices + normalisation")
+    d.inference(iterations)
+    mark(f"inference({iterations})")
+    return phases
+
+
+def profile_dropin(image: np.ndarray, probs: np.ndarray, params: tuple, repeats: int) -> str:
+    """The drop-in's phases (best of ``repeats``, CPU ms), its inference by step, and pydensecrf's."""
+    import pydensecrf.densecrf as pyd
+
+    import crf.densecrf as dcrf
+    from crf.step_times import profile_steps
+
+    dropin_phases(dcrf, image, probs, params, 10)  # warm-up (the Gaussian lattice cache, the allocator)
+    runs = []
+    for _ in range(repeats):
+        with profile_steps() as steps:
+            runs.append(dropin_phases(dcrf, image, probs, params, 10))
+    best = min(runs, key=lambda r: sum(r.values()))
+    pyd_fixed = min(sum(dropin_phases(pyd, image, probs, params, 0).values()) for _ in range(repeats))
+    pyd_total = min(sum(dropin_phases(pyd, image, probs, params, 10).values()) for _ in range(repeats))
+    lines = [f"\ndrop-in, w1/sigma_alpha/sigma_beta {params}: CPU ms per phase (best of {repeats})",
+             "| phase | ms |", "|---|---:|"]
+    lines += [f"| {k} | {1e3 * v:.1f} |" for k, v in best.items()]
+    lines.append(f"| **total** | {1e3 * sum(best.values()):.1f} |")
+    lines.append(f"| of the inference, by step (wall, last run): {', '.join(f'{k} {1e3 * v:.0f}' for k, v in steps.seconds.items() if v)} | |")
+    lines.append(f"| pydensecrf: inference(0) (its lattices) {1e3 * pyd_fixed:.1f}, whole script {1e3 * pyd_total:.1f} | "
+                 f"drop-in {pyd_total / sum(best.values()):.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--voc-root", type=Path, help="VOC2012 folder (JPEGImages, SegmentationClass, ImageSets)")
@@ -93,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="resize the image by this factor")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the search's workers)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dropin", help="w1,sigma_alpha,sigma_beta: profile the pydensecrf drop-in instead")
     args = ap.parse_args(argv)
     import torch
 
@@ -104,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"image: {name}, {image.shape[1]} x {image.shape[0]}, 21 labels; torch {torch.__version__}, "
           f"{args.threads} thread(s); {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.dropin:
+        print(profile_dropin(image, probs, tuple(float(v) for v in args.dropin.split(",")), args.repeats))
+        return 0
     cases = [("one configuration (w1 5, sigma_alpha 50, sigma_beta 3)", [CRFParams(5, 50, 3)]),
              ("one grid group (w1 in {5, 10}, sigma_alpha 50, sigma_beta 3)", [CRFParams(5, 50, 3), CRFParams(10, 50, 3)])]
     for title, configs in cases:
