@@ -92,6 +92,7 @@ def test_scripts_give_pydensecrf_labels(pairs, script):
         agree(script(pyd, pyd_utils, rgb, label, probs), script(dcrf, dutils, rgb, label, probs))
 
 
+@pytest.mark.slow
 def test_general_crf_matrix_compat_stepwise(pairs):
     for rgb, label, probs in pairs:
         q_ref, kl_ref = script_matrix_steps(pyd, pyd_utils, rgb, label, probs)
@@ -163,6 +164,7 @@ def test_batch_equals_one_by_one(pairs):
         np.testing.assert_allclose(batched, one, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_batch_on_worker_processes_equals_one_by_one(pairs):
     """inference_batch(workers=2): one task per CRF on a pool of two single-threaded processes (the every-core
     layout of a pipeline); each result is the CRF's own inference, in order, bit for bit."""
