@@ -201,27 +201,38 @@ def tiny_run(tmp_path) -> Path:
     return run
 
 
-def test_predict_writes_the_runs_palette_and_applies_its_learned_crf(tiny_run, tmp_path):
+def _predict(run: Path, tmp_path: Path) -> tuple[Path, dict, Path]:
     image = tmp_path / "photo.jpg"
     photo = Image.open(SAMPLE / "JPEGImages" / "2007_002427.jpg")
     photo.resize((photo.width // 4, photo.height // 4)).save(image, quality=90)
-    ck = tiny_run / "checkpoints" / "final.pth"
-    params, origin, mu = crf_for(ck)
-    assert "learned.json" in origin and mu.shape == (3, 3) and params.iterations == 5
     out = tmp_path / "out"
-    record = predict_images([image], ck, out, use_crf=True, size=97, device="cpu", progress=False,
-                            log=lambda line: None)
-    colours = [10, 20, 30, 200, 100, 0, 0, 250, 120]
+    record = predict_images([image], run / "checkpoints" / "final.pth", out, use_crf=True, size=97, device="cpu",
+                            progress=False, log=lambda line: None)
+    return out, record, image
+
+
+def test_predict_writes_labels_and_overlays_in_the_runs_palette(tiny_run, tmp_path):
+    out, record, image = _predict(tiny_run, tmp_path)
+    colours = [[10, 20, 30], [200, 100, 0], [0, 250, 120]]
     for method in ("dcnn", "crf"):
         png = Image.open(out / method / "photo.png")
-        assert png.mode == "P" and png.getpalette()[:9] == colours
-    assert "data.palette" in record["palette"] and record["crf"]["compatibility"] == mu.tolist()
+        assert png.mode == "P" and png.getpalette()[:9] == [v for c in colours for v in c]
+    assert "data.palette" in record["palette"]
     rgb = np.ascontiguousarray(read_image(image)[:, :, ::-1])
     dcnn, crf = (np.asarray(Image.open(out / m / "photo.png")) for m in ("dcnn", "crf"))
-    full = layout_palette(DataConfig(layout="folder", palette=[colours[i:i + 3] for i in (0, 3, 6)]))
+    full = layout_palette(DataConfig(layout="folder", palette=colours))
     expected = side_by_side([("image", rgb), ("DCNN", blend(rgb, dcnn, palette=full)),
                              ("DCNN-CRF", blend(rgb, crf, palette=full))])
     assert np.array_equal(np.asarray(Image.open(out / "overlay" / "photo.png").convert("RGB")), expected)
+
+
+def test_predict_applies_the_runs_learned_crf(tiny_run, tmp_path):
+    ck = tiny_run / "checkpoints" / "final.pth"
+    params, origin, mu = crf_for(ck)
+    assert "learned.json" in origin and mu.shape == (3, 3) and params.iterations == 5
+    out, record, _ = _predict(tiny_run, tmp_path)
+    assert record["crf"]["compatibility"] == mu.tolist() and "learned.json" in record["crf"]["from"]
+    dcnn, crf = (np.asarray(Image.open(out / m / "photo.png")) for m in ("dcnn", "crf"))
     assert (crf == 2).mean() > 0.9 > (dcnn == 2).mean()  # the learned compatibility ran: class 2 pulls
     # the run's crf.use_learned false: the search's best, Potts
     (tiny_run / "config.yaml").write_text(yaml.safe_dump({"crf": {"use_learned": False}}))

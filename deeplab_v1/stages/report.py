@@ -186,9 +186,11 @@ def learned_lines(ctx: RunContext) -> list[str]:
     w = scores["trimap_width"]
     lines = ["", f"## Learned CRF (crf_search.learn: {', '.join(learned['learn'])})", "",
              f"Fitted by gradient from the grid's best on the search images (crf_search/learned.json); scored on the "
-             f"{scores['images']} {share} images. The crf stage used {used}.", "",
+             f"{scores['images']} {share} images. The crf stage used {used} (its test-set numbers: the tables above).",
+             "",
              f"| CRF on the {share} images | mIoU % | pixel acc. % | trimap mIoU % ({w} px) |", "|---|---|---|---|"]
-    names = {"no_crf": "no CRF", "grid_best": f"grid best {learned['grid_best']}",
+    grid = ", ".join(f"{k} {v:g}" for k, v in learned["grid_best"].items() if k != "iterations")
+    names = {"no_crf": "no CRF", "grid_best": f"grid best ({grid})",
              "learned": f"learned w1 {learned['params']['w1']:.4g}, w2 {learned['params']['w2']:.4g}"
                         + (", C x C compatibility" if "compatibility" in learned["learn"] else "")}
     for k, name in names.items():
