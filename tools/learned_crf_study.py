@@ -6,8 +6,8 @@ split in two halves with ``--seed``:
 
 1. the fit half: a small grid over ``w1`` x ``sigma_alpha`` x ``sigma_beta`` (``--grid``; ``w2 = 3``,
    ``sigma_gamma = 3`` fixed, as the paper's Sec. 5) scored by mIoU (the paper's objective), then
-   ``crf.fit_crf`` from the grid's best (``w1``, ``w2`` and the 21 x 21 compatibility, a quarter of the fit
-   half held out for early stopping);
+   ``crf.fit_crf`` from the grid's best (``--learn``: default ``w1``, ``w2`` and the 21 x 21 compatibility, a
+   quarter of the fit half held out for early stopping);
 2. the report half, which neither the grid nor the fit saw: mIoU, pixel accuracy and the 5-px trimap mIoU
    (``crf.trimap``'s void band, as the evaluation's trimap) of no CRF, the grid's best and the learned CRF
    (``crf.learn.score_crfs``: one confusion matrix over the half).
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=6, help="most passes of the fit")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--learn", default="w1,w2,compatibility", help="what the fit learns (crf.fit_crf's learn)")
     ap.add_argument("--backend", default="pydensecrf", help="the post-hoc CRF's backend (scoring)")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args(argv)
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     grid_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = fit_crf(pick(fit_half, 1), pick(fit_half, 2), pick(fit_half, 3), best, epochs=args.epochs, batch=2,
+    result = fit_crf(pick(fit_half, 1), pick(fit_half, 2), pick(fit_half, 3), best, learn=args.learn.split(","),
+                     epochs=args.epochs, batch=2,
                      held_out=0.25, patience=2, lr=args.lr, seed=args.seed,
                      progress=lambda e: print(f"  fit epoch {e['epoch']}: batch loss {e['fit_batch_loss']:.4f}, "
                                               f"held-out {e['held_out']:.4f}, w1 {e['w1']:.3f}, w2 {e['w2']:.3f}",
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     compared = {"no CRF": None, f"grid best {best_name}": (best, None),
-                "learned": (result.params, np.array(result.compatibility))}
+                f"learned ({args.learn.replace(',', ', ')})": (result.params, np.array(result.compatibility))}
     report = score_crfs(pick(report_half, 1), pick(report_half, 2), pick(report_half, 3), compared,
                         backend=args.backend)
     fit_scores = score_crfs(pick(fit_half, 1), pick(fit_half, 2), pick(fit_half, 3), compared, backend=args.backend)
