@@ -68,6 +68,16 @@ def _stride(value: int) -> int:
 Stride = Annotated[StrictInt, AfterValidator(_stride)]
 
 
+def _each_once(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise problem(f"must name each of w1, w2, compatibility at most once, got {value}")
+    return value
+
+
+#: What a CRF fit learns (``crf.DenseCRFLayer``'s ``learn``), each name once.
+Learnable = Annotated[list[Literal["w1", "w2", "compatibility"]], AfterValidator(_each_once)]
+
+
 def _limited(default: Any, must: str = "", **limits: Any) -> Any:
     """A field with pydantic's ``limits`` (``ge``, ``gt``, ``min_length``) whose breach reads ``key '...' must
     <must>, got <value>`` (without ``must``: ``must be >= <ge>`` or ``must be > <gt>``)."""
@@ -100,15 +110,8 @@ class CRFRNNConfig(_Section):
     enabled: StrictBool = False
     iterations_train: StrictInt = _limited(5, "be >= 1 mean-field iterations", ge=1)
     iterations_test: StrictInt = _limited(10, "be >= 1 mean-field iterations", ge=1)
-    learn: list[Literal["w1", "w2", "compatibility"]] = ["w1", "w2", "compatibility"]
+    learn: Learnable = ["w1", "w2", "compatibility"]
     params: Annotated[CRFParams, PlainValidator(lambda v: _crf_params(v))] = RELEASE_LARGEFOV
-
-    @field_validator("learn")
-    @classmethod
-    def _distinct(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise problem(f"must name each of w1, w2, compatibility at most once, got {value}")
-        return value
 
     @field_validator("params")
     @classmethod
@@ -337,15 +340,8 @@ class CRFSearchConfig(_Section):
     enabled: StrictBool = False
     num_images: StrictInt = _limited(100, ge=1)
     seed: StrictInt = 0
-    learn: list[Literal["w1", "w2", "compatibility"]] = Field(default_factory=list)
+    learn: Learnable = Field(default_factory=list)
     search: InstanceOf[SearchConfig] = Field(default_factory=SearchConfig)
-
-    @field_validator("learn")
-    @classmethod
-    def _each_once(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise problem(f"must name each of w1, w2, compatibility at most once, got {value}")
-        return value
 
     @staticmethod
     def search_keys() -> list[str]:

@@ -176,6 +176,8 @@ def test_learn_names_are_checked_before_any_work(tmp_path):
     assert _config(tmp_path / "b").crf_search.learn == []  # the paper's grid alone
     with pytest.raises(ConfigError, match=r"crf_search\.learn\[1\]' must be 'w1' or 'w2' or 'compatibility', got 'w3'"):
         _config(tmp_path / "c", "crf_search.learn=[w1, w3]")
+    with pytest.raises(ConfigError, match=r"crf_search\.learn' must name each of w1, w2, compatibility at most once"):
+        _config(tmp_path / "e", "crf_search.learn=[w1, w1]")
     with pytest.raises(ConfigError, match=r"crf_search\.learn' must be list"):
         _config(tmp_path / "d", "crf_search.learn=w1")
 
