@@ -23,12 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .confusion import confusion, miou, pixel_accuracy
+from .dense import dense_crf
 from .errors import CRFInputError
 from .inputs import PROB_EPSILON, check_inputs
 from .layer import LEARNABLE, CRFLattices, DenseCRFLayer
 from .params import CRFParams
 
-__all__ = ["FitResult", "fit_crf"]
+__all__ = ["FitResult", "fit_crf", "score_crfs"]
 
 #: The ground truth's void label, ignored by the objective.
 IGNORE_LABEL = 255
@@ -252,6 +254,60 @@ def fit_crf(
         settings={"inputs_are": inputs_are, "iterations": layer.iterations, "epochs": epochs, "batch": batch,
                   "held_out": held_out, "patience": patience, "lr": float(lr), "seed": seed},
     )
+
+
+def score_crfs(
+    images: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    crfs: dict[str, tuple[CRFParams, object] | None],
+    *,
+    trimap_width: int = 5,
+    band: str = "void",
+    backend: str = "pydensecrf",
+    device: str = "cpu",
+) -> dict:
+    """mIoU, pixel accuracy and trimap mIoU of several CRFs (and no CRF) on the same images, to compare the
+    grid's best with a fitted CRF on images neither was chosen on (issue #24 item 4).
+
+    Args:
+        images, probs, labels: B RGB uint8 ``(H, W, 3)``, ``(C, H, W)`` probabilities, integer ``(H, W)``
+            ground truths (255 void).
+        crfs: name -> ``(params, compatibility)`` (compatibility a ``(C, C)`` matrix in densecrf's
+            convention, or None for Potts), or None for the DCNN's own labels (``argmax P``).
+        trimap_width: the band width, pixels; band: ``"void"`` or ``"boundary"`` (``crf.trimap``).
+        backend, device: as for :func:`crf.dense.dense_crf` (the same one for every CRF).
+
+    Returns:
+        ``{"images": B, "trimap_width": w, "band": band, <name>: {"miou", "pixel_accuracy", "trimap_miou"}}``
+        (fractions 0..1, NaN where nothing was counted): one confusion matrix over all images, the trimap's
+        over the band's pixels (as the evaluation scores a split).
+
+    Raises:
+        CRFInputError (a ValueError): inputs of different lengths or none, or what ``dense_crf`` raises.
+    """
+    from .trimap import trimap_band
+
+    if not (len(images) == len(probs) == len(labels)) or len(images) == 0:
+        raise CRFInputError(f"images, probs and labels must be non-empty and of equal length, got "
+                            f"{len(images)}, {len(probs)} and {len(labels)}")
+    c = int(np.asarray(probs[0]).shape[0])
+    whole = {name: np.zeros((c, c), np.int64) for name in crfs}
+    near = {name: np.zeros((c, c), np.int64) for name in crfs}
+    for image, p, label in zip(images, probs, labels):
+        label = np.asarray(label)
+        in_band = trimap_band(label, trimap_width, band=band)
+        for name, crf in crfs.items():
+            q = p if crf is None else dense_crf(image, p, crf[0], backend=backend, device=device,
+                                                 compatibility=crf[1])
+            pred = np.asarray(q).argmax(0)
+            whole[name] += confusion(label, pred, c)
+            near[name] += confusion(label, pred, c, mask=in_band)
+    out: dict = {"images": len(images), "trimap_width": trimap_width, "band": band}
+    for name in crfs:
+        out[name] = {"miou": miou(whole[name]), "pixel_accuracy": pixel_accuracy(whole[name]),
+                     "trimap_miou": miou(near[name])}
+    return out
 
 
 def _cross_entropy(layer: DenseCRFLayer, item: tuple[CRFLattices, torch.Tensor, torch.Tensor, int],

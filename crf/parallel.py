@@ -157,7 +157,7 @@ def _write_labels(task: CRFTask, labels: np.ndarray, write: Optional[WriteFn]) -
 
 def _run_task(task: CRFTask, params: CRFParams, backend: str, device: str,
               load: Optional[LoadFn] = None, write: Optional[WriteFn] = None,
-              memory_mb: float | None = None) -> tuple[float, str]:
+              memory_mb: float | None = None, compatibility: Optional[np.ndarray] = None) -> tuple[float, str]:
     """Run one task in the current process; returns the CRF's seconds and the backend that ran
     (``"auto"`` is resolved on this image's size, ``crf.backend_choice``)."""
     try:
@@ -165,7 +165,8 @@ def _run_task(task: CRFTask, params: CRFParams, backend: str, device: str,
         image, probs = check_inputs(image, probs)
         choice = resolve_backend(backend, device, [probs.shape], memory_mb=memory_mb)
         t0 = time.perf_counter()
-        q = dense_crf(image, probs, params, backend=choice.backend, device=choice.device, memory_mb=choice.memory_mb)
+        q = dense_crf(image, probs, params, backend=choice.backend, device=choice.device, memory_mb=choice.memory_mb,
+                      compatibility=compatibility)
         seconds = time.perf_counter() - t0
         if q.shape[0] > 256:
             raise CRFInputError(f"{q.shape[0]} classes do not fit a uint8 label map")
@@ -176,7 +177,8 @@ def _run_task(task: CRFTask, params: CRFParams, backend: str, device: str,
 
 
 def _run_in_process(todo: list[CRFTask], params: CRFParams, backend: str, device: str, load: Optional[LoadFn],
-                    write: Optional[WriteFn], memory_mb: float | None, bar) -> tuple[float, dict]:
+                    write: Optional[WriteFn], memory_mb: float | None, bar,
+                    compatibility: Optional[np.ndarray] = None) -> tuple[float, dict]:
     """The GPU path (issue #13 item 6), also taken on CPU with one worker: this process alone runs every
     image; images the torch backend takes run in batches (their lattices as segments of one lattice,
     ``dense_crf_torch_batch``) whose estimated memory stays within the budget; the next inputs are read
@@ -228,9 +230,9 @@ def _run_in_process(todo: list[CRFTask], params: CRFParams, backend: str, device
             image, probs = inputs[i].result()
             inputs[i] = None  # type: ignore[call-overload]  # free the arrays once used
             choice = resolve_backend(backend, device, [probs.shape], memory_mb=budget)
-            if choice.backend != "torch":
+            if choice.backend != "torch" or compatibility is not None:  # a matrix compatibility: one at a time
                 seconds, used = _run_task(task, params, choice.backend, choice.device, lambda _t: (image, probs),
-                                          write)
+                                          write, compatibility=compatibility)
                 crf_seconds += seconds
                 counts[used] = counts.get(used, 0) + 1
                 bar.update()
@@ -246,7 +248,7 @@ def _run_in_process(todo: list[CRFTask], params: CRFParams, backend: str, device
 def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | None = None,
                  backend: str = "pydensecrf", device: str = "cpu", progress: bool = True,
                  load: Optional[LoadFn] = None, write: Optional[WriteFn] = None,
-                 memory_mb: float | None = None) -> CRFRunSummary:
+                 memory_mb: float | None = None, compatibility: Optional[np.ndarray] = None) -> CRFRunSummary:
     """Run the CRF on every task, in parallel over images, skipping tasks whose output exists.
 
     Layouts: ``workers`` processes of one thread each, or this process alone. With a CUDA ``device``
@@ -268,6 +270,8 @@ def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | 
             (default: :func:`write_label_atomic`). Both must be module-level functions (they are pickled to
             the workers); callers with their own file formats (cached scores, palette PNGs) pass them.
         memory_mb: the torch backend's budget per process (MiB); None: ``crf.backend_choice.default_memory_mb``.
+        compatibility: a ``(C, C)`` label compatibility for every image (``crf.dense.dense_crf``'s; a fitted
+            one, ``crf.fit_crf``); None: Potts.
 
     Returns:
         A :class:`CRFRunSummary` (done, skipped, wall seconds, summed CRF seconds, backends, layout).
@@ -310,16 +314,18 @@ def run_crf_many(tasks: Iterable[CRFTask], params: CRFParams, *, workers: int | 
     bar = tqdm(total=len(todo), desc="crf", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         if in_process:
-            crf_seconds, counts = _run_in_process(todo, params, backend, device, load, write, memory_mb, bar)
+            crf_seconds, counts = _run_in_process(todo, params, backend, device, load, write, memory_mb, bar,
+                                                  compatibility)
         elif workers == 1 or len(todo) <= 1:
             for t in todo:
-                seconds, used = _run_task(t, params, backend, device, load, write, memory_mb)
+                seconds, used = _run_task(t, params, backend, device, load, write, memory_mb, compatibility)
                 crf_seconds += seconds
                 counts[used] = counts.get(used, 0) + 1
                 bar.update()
         else:
             with make_executor(min(workers, len(todo)), backend) as ex:
-                futures = [ex.submit(_run_task, t, params, backend, device, load, write, memory_mb) for t in todo]
+                futures = [ex.submit(_run_task, t, params, backend, device, load, write, memory_mb, compatibility)
+                           for t in todo]
                 try:
                     for fut in as_completed(futures):
                         seconds, used = fut.result()

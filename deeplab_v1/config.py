@@ -68,6 +68,16 @@ def _stride(value: int) -> int:
 Stride = Annotated[StrictInt, AfterValidator(_stride)]
 
 
+def _each_once(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise problem(f"must name each of w1, w2, compatibility at most once, got {value}")
+    return value
+
+
+#: What a CRF fit learns (``crf.DenseCRFLayer``'s ``learn``), each name once.
+Learnable = Annotated[list[Literal["w1", "w2", "compatibility"]], AfterValidator(_each_once)]
+
+
 def _limited(default: Any, must: str = "", **limits: Any) -> Any:
     """A field with pydantic's ``limits`` (``ge``, ``gt``, ``min_length``) whose breach reads ``key '...' must
     <must>, got <value>`` (without ``must``: ``must be >= <ge>`` or ``must be > <gt>``)."""
@@ -100,15 +110,8 @@ class CRFRNNConfig(_Section):
     enabled: StrictBool = False
     iterations_train: StrictInt = _limited(5, "be >= 1 mean-field iterations", ge=1)
     iterations_test: StrictInt = _limited(10, "be >= 1 mean-field iterations", ge=1)
-    learn: list[Literal["w1", "w2", "compatibility"]] = ["w1", "w2", "compatibility"]
+    learn: Learnable = ["w1", "w2", "compatibility"]
     params: Annotated[CRFParams, PlainValidator(lambda v: _crf_params(v))] = RELEASE_LARGEFOV
-
-    @field_validator("learn")
-    @classmethod
-    def _distinct(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise problem(f"must name each of w1, w2, compatibility at most once, got {value}")
-        return value
 
     @field_validator("params")
     @classmethod
@@ -298,7 +301,8 @@ class CRFConfig(_Section):
     ``params`` (``crf.CRFParams``; in YAML a mapping, keys left out keep these values) default to the
     release's LargeFOV ``run_densecrf.sh`` values (w1 4, sigma_alpha 49, sigma_beta 5, w2 3, sigma_gamma 3,
     10 iterations). When ``use_search`` is true and the run's ``crf_search`` stage has found best
-    parameters, those are used instead (the report says which). ``backend``: ``auto`` (the torch
+    parameters, those are used instead, and with ``use_learned`` its fitted ones when it fitted any
+    (``crf_search.learn``, ``learned.json``; the report says which). ``backend``: ``auto`` (the torch
     backend when it is installed and the inputs fit ``memory_mb``, else pydensecrf; the choice is
     recorded), ``pydensecrf`` (the reference) or ``torch``; ``device`` of the torch backend;
     ``workers`` CPU processes (null: ``crf.pool.default_workers``, one single-threaded process per core
@@ -309,6 +313,7 @@ class CRFConfig(_Section):
     enabled: StrictBool = True
     params: Annotated[CRFParams, PlainValidator(_crf_params)] = RELEASE_LARGEFOV
     use_search: StrictBool = True
+    use_learned: StrictBool = True
     backend: Literal["auto", "pydensecrf", "torch"] = "auto"
     device: Literal["cpu", "cuda"] = "cpu"
     workers: Optional[StrictInt] = _limited(
@@ -322,8 +327,9 @@ class CRFSearchConfig(_Section):
     (Sec. 5: w2 = 3, sigma_gamma = 3 fixed; w1 in [5, 10], sigma_alpha in [50:10:100], sigma_beta in
     [3:1:10]; 100 val images drawn with a fixed seed).
 
-    The stage's own keys are ``enabled``, ``num_images`` and ``seed`` (which images); every other key of
-    the section is a field of ``crf.search.SearchConfig`` (``w1``, ``sigma_alpha``, ``sigma_beta``,
+    The stage's own keys are ``enabled``, ``num_images``, ``seed`` (which images) and ``learn`` (which of
+    ``w1``, ``w2``, ``compatibility`` ``crf.fit_crf`` fits from the best, each once; [] the grid alone); every
+    other key of the section is a field of ``crf.search.SearchConfig`` (``w1``, ``sigma_alpha``, ``sigma_beta``,
     ``w2``, ``sigma_gamma``, ``iterations``, ``rounds``, ``shrink``, ``objective`` (``miou`` or
     ``trimap_miou``), ``trimap_width``, ``backend`` (``auto``, ``torch``, ``pydensecrf``), ``device``,
     ``workers``, ``memory_mb``, ``strategy`` (``grid``, the paper's, or ``halving``: successive halving),
@@ -334,6 +340,7 @@ class CRFSearchConfig(_Section):
     enabled: StrictBool = False
     num_images: StrictInt = _limited(100, ge=1)
     seed: StrictInt = 0
+    learn: Learnable = Field(default_factory=list)
     search: InstanceOf[SearchConfig] = Field(default_factory=SearchConfig)
 
     @staticmethod

@@ -13,7 +13,8 @@ are keys of theirs already), the labels of a test stage whose scores are made fr
 (``test.score_source: degraded-gt``), and, under ``backend: auto``, the CRF backend that will run
 (:func:`crf_backend_stamp`, :func:`search_backend_stamp`: resolved as the stages do, from the images' sizes
 and the memory budget, so a ``memory_mb`` or a machine that switches torch <-> pydensecrf redoes the stage,
-while a budget that changes nothing redoes nothing).
+while a budget that changes nothing redoes nothing), and the content of ``crf_search/learned.json`` that the
+crf stage applies (``crf.use_learned``, issue #24).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "test": ("seed", "model", "data.root", "data.test_list", "data.max_test_images", *_DATA_KEYS, "data.palette",
              "test", "tf32", "device"),
     "crf_search": ("crf_search", "model.num_classes", "data.trimap_band"),
-    "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.backend", "crf.device", "crf.memory_mb",
-            "data.palette"),
+    "crf": ("crf.enabled", "crf.params", "crf.use_search", "crf.use_learned", "crf.backend", "crf.device",
+            "crf.memory_mb", "data.palette"),
     "evaluate": ("evaluation", "crf.enabled", "model.num_classes", "data.trimap_band", "data.class_names",
                  "data.palette"),
 }
@@ -50,7 +51,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 #: so that a run made before them is not redone for a key whose value it already had.
 LATER_DEFAULTS: dict[str, Any] = {"data.layout": "voc", "data.images": None, "data.labels": None,
                                   "data.ignore_index": 255, "data.trimap_band": "void", "data.class_names": None,
-                                  "data.palette": None}
+                                  "data.palette": None, "crf.use_learned": True, "crf_search.learn": []}
 
 #: Keys inside those sections that change how the work is done, never its result (``*.memory_mb``: the
 #: backend it picks under ``auto`` is stamped instead, ``crf_backend_stamp``).
@@ -221,5 +222,9 @@ def stage_fingerprint(ctx: RunContext, stage: str) -> tuple[str, dict]:
         for f in fields:
             inputs[f"data.{split}_{f}s#files"] = data_stamp(getattr(x, f) for x in samples)
     inputs.update(backend_inputs(stage, ctx.cfg, ctx.test_samples()))
+    learned = ctx.layout.learned
+    if stage == "crf" and ctx.cfg.crf.use_search and ctx.cfg.crf.use_learned and learned.is_file():
+        # a refit (or a hand-edited learned.json) redoes the crf stage
+        inputs["crf_search.learned#content"] = hashlib.sha256(learned.read_bytes()).hexdigest()
     upstream = {u: (ctx.layout.read_record(u) or {}).get("fingerprint") for u in UPSTREAM[stage]}
     return fingerprint(inputs, upstream), inputs

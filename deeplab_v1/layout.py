@@ -19,6 +19,7 @@ Layout of ``<output_dir>`` (stage that writes -> stages that read)::
     crf_search/samples/<id>.npz search input files (image, probs, label[, band])
                                                                  crf_search -> crf_search
     crf_search/results.jsonl, ranked.md, heatmap.png, best.json  crf_search -> crf, report
+    crf_search/learned.json  the fitted CRF (crf_search.learn)   crf_search -> crf, report, predict
     metrics.json trimap.json trimap.png                          evaluate -> report
     report.md                                                    report
     figures/<name>.{png,pdf,svg} qualitative (paper Fig. 4), crf_search heatmap, trimap report
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from crf import CRFParams
 
 from .atomic import atomic_write_json
@@ -197,3 +199,40 @@ class RunLayout:
         best = self.read_best()
         return None if best is None else CRFParams.from_dict(
             {k: best[k] for k in ("w1", "sigma_alpha", "sigma_beta", "w2", "sigma_gamma", "iterations")})
+
+    # ------------------------------------------------------------------------------------- learned.json
+    @property
+    def learned(self) -> Path:
+        """``crf_search/learned.json``: the CRF the search fitted (``crf_search.learn``, issue #24)."""
+        return self.crf_search / "learned.json"
+
+    def read_learned(self) -> Optional[dict]:
+        """``learned.json`` as the crf_search stage writes it (the fitted ``params``, the ``C x C``
+        ``compatibility``, the objective, the held-out scores), or None when there is none.
+
+        Raises:
+            ValueError: a file that is not a learned CRF (not JSON, no valid params or compatibility); named.
+        """
+        if not self.learned.is_file():
+            return None
+        try:
+            record = json.loads(self.learned.read_text(encoding="utf-8"))
+            CRFParams.from_dict(record["params"])
+            mu = np.asarray(record["compatibility"], dtype=np.float64)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{self.learned}: not a learned CRF ({exc}); run the crf_search stage again "
+                             "(--redo crf_search)") from exc
+        if mu.ndim != 2 or mu.shape[0] != mu.shape[1]:
+            raise ValueError(f"{self.learned}: the compatibility must be a C x C matrix, got shape {mu.shape}")
+        return record
+
+    def learned_crf(self) -> Optional[tuple[CRFParams, np.ndarray]]:
+        """The fitted CRF: (parameters, ``(C, C)`` float32 compatibility, densecrf's convention), or None.
+
+        Raises:
+            ValueError: as :meth:`read_learned`.
+        """
+        record = self.read_learned()
+        if record is None:
+            return None
+        return CRFParams.from_dict(record["params"]), np.asarray(record["compatibility"], dtype=np.float32)

@@ -6,10 +6,12 @@
 For every image, of any size, it writes (the run folder's names, ``layout.RunLayout``):
 
 - ``DIR/dcnn/<stem>.png``: the DCNN's labels (arg-max of the test net's scores upsampled as Caffe's
-  INTERP, ``engine.inference``), a VOC-palette PNG of the image's size;
+  INTERP, ``engine.inference``), a palette PNG of the image's size in the colours of the checkpoint's run
+  (``data.palette`` of ``<run>/config.yaml`` when the checkpoint is ``<run>/checkpoints/*.pth``), else VOC's;
 - ``DIR/crf/<stem>.png`` with ``--crf``: after the fully connected CRF (``crf.dense_crf``), with the
-  parameters of the checkpoint's run (``<run>/crf_search/best.json`` when the checkpoint is
-  ``<run>/checkpoints/*.pth``), else the release's LargeFOV values, then ``--params`` on top;
+  parameters of the checkpoint's run -- its fitted CRF (``<run>/crf_search/learned.json``: kernel weights and
+  label compatibility, unless the run's ``crf.use_learned`` is false), else the search's best
+  (``<run>/crf_search/best.json``) -- else the release's LargeFOV values, then ``--params`` on top;
 - ``DIR/overlay/<stem>.png``: image | DCNN | DCNN-CRF side by side, the labels over the image;
 - ``DIR/predict.json``: the checkpoint, model, CRF parameters and where they came from, and per image the
   CRF backend that ran, on which device, why, and the memory budget it was chosen for.
@@ -36,6 +38,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from tqdm import tqdm
 
@@ -45,6 +48,8 @@ from crf.backend_choice import BackendChoice, resolve_backend, torch_memory_mb
 from crf.params import RELEASE_LARGEFOV
 
 from .atomic import atomic_write_bytes, atomic_write_json
+from .config import DataConfig
+from .data.layouts import png_palette
 from .data.io import read_image, write_label
 from .engine.inference import ScoreMap, label_from_scores, padded_size, predict_batch
 from .errors import DeepLabError
@@ -55,8 +60,8 @@ from .models.crf_rnn import crf_rnn_options
 from .models.vgg import SPECS
 from .weights.checkpoint import CheckpointError, checkpoint_state_dict, load_checkpoint
 
-__all__ = ["PredictError", "Predictor", "load_predictor", "parse_params", "crf_params_for", "crf_choice",
-           "predict_images"]
+__all__ = ["PredictError", "Predictor", "load_predictor", "parse_params", "crf_params_for", "crf_for", "run_palette",
+           "crf_choice", "predict_images"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: The CRF backends ``--crf-backend`` takes (``crf.inputs.BACKEND_CHOICES``; ``auto``: torch when it fits).
@@ -173,13 +178,62 @@ def parse_params(text: Optional[str], base: CRFParams) -> CRFParams:
         raise PredictError(f"--params: {exc}") from exc
 
 
+def checkpoint_run(weights: Path) -> Optional[RunLayout]:
+    """The run folder of a checkpoint at ``<run>/checkpoints/<file>.pth``, else None."""
+    folder = weights.resolve().parent
+    return RunLayout(folder.parent) if folder.name == "checkpoints" else None
+
+
+def run_config(run: Optional[RunLayout]) -> dict:
+    """The resolved configuration a run folder recorded (``config.yaml``), or {} (none, or unreadable)."""
+    try:
+        config = yaml.safe_load(run.config.read_text(encoding="utf-8")) if run is not None else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def run_palette(weights: Path) -> tuple[Optional[np.ndarray], str]:
+    """The label colours of a checkpoint's run (``data.palette`` of its ``config.yaml``, Cityscapes' for its
+    layout; ``data.layouts.png_palette``) and where they come from; (None, "VOC") for VOC's colour map."""
+    run = checkpoint_run(weights)
+    data = run_config(run).get("data") or {}
+    try:
+        colours = png_palette(DataConfig(layout=data.get("layout", "voc"), palette=data.get("palette")))
+    except (TypeError, ValueError):  # a damaged config.yaml: VOC's colours, and the record says so
+        colours = None
+    return colours, "VOC" if colours is None else f"data.palette of {run.config}"
+
+
+def crf_for(weights: Path, params: Optional[str] = None) -> tuple[CRFParams, str, Optional[np.ndarray]]:
+    """The CRF for a checkpoint: parameters, where they come from and the ``(C, C)`` label compatibility (None:
+    Potts). A checkpoint in a run folder takes the run's fitted CRF (``crf_search/learned.json``, unless the
+    run's ``crf.use_learned`` is false), else its search's best; otherwise the release's LargeFOV values; then
+    ``params`` on top (the compatibility kept).
+
+    Raises:
+        PredictError: bad ``params`` (named).
+    """
+    run = checkpoint_run(weights)
+    if run is not None and (run_config(run).get("crf") or {}).get("use_learned", True):
+        try:
+            learned = run.learned_crf()
+        except ValueError:  # a damaged learned.json: the search's best, and the origin says which
+            learned = None
+        if learned is not None:
+            return parse_params(params, learned[0]), (f"{run.crf_search / 'learned.json'} (the run's fitted CRF)"
+                                                      + (" with --params" if params else "")), learned[1]
+    return (*crf_params_for(weights, params), None)
+
+
 def crf_params_for(weights: Path, params: Optional[str] = None) -> tuple[CRFParams, str]:
     """The CRF parameters for a checkpoint and where they come from: the search's best when the
     checkpoint lies in a run folder (``<run>/checkpoints/<file>.pth``) with ``crf_search/best.json``,
-    else the release's LargeFOV values (``crf.params.RELEASE_LARGEFOV``); ``params`` on top."""
+    else the release's LargeFOV values (``crf.params.RELEASE_LARGEFOV``); ``params`` on top
+    (:func:`crf_for` also takes the run's fitted CRF)."""
     best = None
-    if weights.resolve().parent.name == "checkpoints":
-        run = RunLayout(weights.resolve().parent.parent)
+    run = checkpoint_run(weights)
+    if run is not None:
         try:
             best = run.best_params()
         except (ValueError, KeyError):  # a damaged best.json: fall back, and say so
@@ -268,7 +322,8 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
     sizes = check_images(paths)
     files = list(sizes)
     pred = load_predictor(weights, model=model, num_classes=num_classes, device=device, size=size)
-    crf_params, origin = crf_params_for(pred.checkpoint, params) if use_crf else (None, None)
+    crf_params, origin, compatibility = crf_for(pred.checkpoint, params) if use_crf else (None, None, None)
+    colours, colours_from = run_palette(pred.checkpoint)
     backend = crf_backend or "auto"
     crf_device = str(pred.device) if backend != "pydensecrf" else "cpu"
     choices = {p: crf_choice(p, sizes[p], pred.num_classes, backend, crf_device, crf_memory_mb, log)
@@ -276,8 +331,11 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
     out = Path(out)
     record = {"checkpoint": str(pred.checkpoint), "model": pred.name, "num_classes": pred.num_classes,
               "device": str(pred.device), "test_size": pred.size,
+              "palette": colours_from,
               "crf": None if crf_params is None else {"params": crf_params.to_dict(), "from": origin,
-                                                      "backend": backend, "memory_mb": crf_memory_mb},
+                                                      "compatibility": None if compatibility is None else
+                                                      compatibility.tolist(), "backend": backend,
+                                                      "memory_mb": crf_memory_mb},
               "images": {}}
     log(f"predict: {len(files)} images, model {pred.name} from {pred.checkpoint} on {pred.device}"
         + (f"; CRF {crf_params.to_dict()} from {origin}" if crf_params is not None else ""))
@@ -290,7 +348,8 @@ def predict_images(paths: Sequence[str | Path], weights: str | Path, out: str | 
         images = [read_image(p) for p in batch]
         maps = predict_batch(pred.model, images, size=pred.size, device=pred.device, batch_size=batch_size)
         for p, image, sm in zip(batch, images, maps):
-            record["images"][p.stem] = _write_outputs(p, image, sm, out, crf_params, choices.get(p))
+            record["images"][p.stem] = _write_outputs(p, image, sm, out, crf_params, choices.get(p),
+                                                      compatibility=compatibility, colours=colours)
             bar.update(1)
     bar.close()
     atomic_write_json(out / "predict.json", record)
@@ -313,25 +372,27 @@ def crf_choice(path: Path, size: tuple[int, int], classes: int, backend: str, de
 
 
 def _write_outputs(path: Path, image_bgr: np.ndarray, sm: ScoreMap, out: Path, params: Optional[CRFParams],
-                   choice: Optional[BackendChoice]) -> dict:
-    """Labels (and CRF labels, with the backend ``choice``) of one image as VOC-palette PNGs, and the
-    side-by-side overlay."""
+                   choice: Optional[BackendChoice], *, compatibility: Optional[np.ndarray] = None,
+                   colours: Optional[np.ndarray] = None) -> dict:
+    """Labels (and CRF labels, with the backend ``choice`` and the label ``compatibility``, None: Potts) of
+    one image as palette PNGs in ``colours`` ((256, 3) uint8; None: VOC's), and the side-by-side overlay."""
     scores = sm.upsampled()
     dcnn = label_from_scores(scores)
     rgb = np.ascontiguousarray(image_bgr[:, :, ::-1])
     files = {"dcnn": out / "dcnn" / f"{path.stem}.png"}
-    write_label(files["dcnn"], dcnn)
-    panels = [("image", rgb), ("DCNN", blend(rgb, dcnn))]
+    write_label(files["dcnn"], dcnn, palette=colours)
+    panels = [("image", rgb), ("DCNN", blend(rgb, dcnn, palette=colours))]
     if params is not None and choice is not None:
         probs = torch.softmax(scores, 0).numpy()
         del scores  # (C, H, W) float32: 0.5 GB for a 3000 x 2000 photo, not needed by the CRF
-        q = dense_crf(rgb, probs, params, backend=choice.backend, device=choice.device, memory_mb=choice.memory_mb)
+        q = dense_crf(rgb, probs, params, backend=choice.backend, device=choice.device, memory_mb=choice.memory_mb,
+                      compatibility=compatibility)
         del probs
         crf = q.argmax(0).astype(np.uint8)
         del q
         files["crf"] = out / "crf" / f"{path.stem}.png"
-        write_label(files["crf"], crf)
-        panels.append(("DCNN-CRF", blend(rgb, crf)))
+        write_label(files["crf"], crf, palette=colours)
+        panels.append(("DCNN-CRF", blend(rgb, crf, palette=colours)))
     files["overlay"] = out / "overlay" / f"{path.stem}.png"
     buf = io.BytesIO()
     Image.fromarray(side_by_side(panels)).save(buf, format="PNG")

@@ -1,7 +1,9 @@
 """The ``crf`` stage: the fully connected CRF (paper Sec. 4.2) on every test image's cached scores.
 
 Reads: ``scores/<id>.npz`` (score cache), the test images, ``crf_search/best.json`` (when
-``crf.use_search``). Writes: ``predictions/crf/<id>.png`` (VOC palette) and ``predictions/crf/.backend.json``
+``crf.use_search``) and ``crf_search/learned.json`` (when also ``crf.use_learned`` and the search fitted a CRF,
+``crf_search.learn``: its kernel weights and ``C x C`` label compatibility, run by both backends, issue #24).
+Writes: ``predictions/crf/<id>.png`` (VOC palette) and ``predictions/crf/.backend.json``
 (the backend the images were made with). Runs through ``crf.parallel.run_crf_many``: on CPU one
 single-threaded process per core; with ``crf.device: cuda`` in this process, batches of images through the
 torch backend within ``crf.memory_mb``.
@@ -20,6 +22,7 @@ import functools
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -46,13 +49,25 @@ def crf_inputs(task: CRFTask) -> tuple[np.ndarray, np.ndarray]:
     return image, probs
 
 
-def crf_params(ctx: RunContext) -> tuple[CRFParams, str]:
-    """The CRF parameters and where they come from: the search's best (``crf.use_search`` and a finished
-    search) or ``crf.params``."""
-    best = ctx.layout.best_params() if ctx.cfg.crf.use_search else None
+def crf_params(ctx: RunContext) -> tuple[CRFParams, str, Optional[np.ndarray]]:
+    """The CRF parameters, where they come from and the label compatibility (None: Potts): the search's fitted
+    CRF (``crf.use_search``, ``crf.use_learned`` and a ``learned.json``), else its best (``crf.use_search`` and
+    a finished search), else ``crf.params``.
+
+    Raises:
+        StageError: a ``learned.json`` that cannot be read.
+    """
+    c = ctx.cfg.crf
+    try:
+        learned = ctx.layout.learned_crf() if c.use_search and c.use_learned else None
+    except ValueError as exc:
+        raise StageError(f"crf: {exc}") from exc
+    if learned is not None:
+        return learned[0], f"crf_search learned ({ctx.layout.learned.name})", learned[1]
+    best = ctx.layout.best_params() if c.use_search else None
     if best is not None:
-        return best, "crf_search best"
-    return ctx.cfg.crf.params, "config"
+        return best, "crf_search best", None
+    return c.params, "config", None
 
 
 def crf_backend(ctx: RunContext, caches: list[Path]) -> BackendChoice:
@@ -112,7 +127,7 @@ def run(ctx: RunContext) -> dict:
         return {"skipped": True}
     check_backend(ctx.cfg.crf.backend, ctx.cfg.crf.device)  # before any work: a one-line error, exit 2
     samples = ctx.test_samples()
-    params, origin = crf_params(ctx)
+    params, origin, compatibility = crf_params(ctx)
     ctx.layout.predictions("crf").mkdir(parents=True, exist_ok=True)
     tasks = []
     for s in samples:
@@ -129,10 +144,10 @@ def run(ctx: RunContext) -> dict:
     summary = run_crf_many(
         tasks, params, workers=c.workers, backend=choice.backend, device=choice.device, progress=ctx.progress,
         load=crf_inputs, write=write_label if colours is None else functools.partial(write_label, palette=colours),
-        memory_mb=c.memory_mb,
+        memory_mb=c.memory_mb, compatibility=compatibility,
     )
     mean = summary.crf_seconds / summary.done if summary.done else 0.0
     ctx.log.info(summary.line())
-    return {"params": params.to_dict(), "params_from": origin, "images": len(samples), "seconds_per_image": mean,
+    return {"params": params.to_dict(), "params_from": origin, "learned": compatibility is not None, "images": len(samples), "seconds_per_image": mean,
             "backend": choice.backend, "device": choice.device, "backend_requested": c.backend,
             "backend_reason": choice.reason, "backends": summary.backends, "layout": summary.layout}

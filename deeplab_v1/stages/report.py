@@ -5,7 +5,8 @@ The report opens with one sentence on what the run is (``headline``: a pipeline 
 weights, a DIAGNOSTIC run on degraded ground truth, or a real run) and where the paper's numbers come
 from; ``deeplab run`` prints the same sentence last.
 
-Reads: ``stages/*.json`` (init, CRF parameters, stage times), ``crf_search/best.json`` and
+Reads: ``stages/*.json`` (init, CRF parameters, stage times), ``crf_search/best.json``,
+``learned.json`` (the fitted CRF: no CRF / grid best / learned on the search's held-out images) and
 ``results.jsonl``, the test images, labels and ``predictions/``. Writes: ``report.md`` and
 ``figures/{qualitative,crf_search,trimap}.{png,pdf,svg}`` (``deeplab_v1.figures``).
 """
@@ -157,6 +158,7 @@ def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
             cells = " | ".join(f"{percent(trimap[k]['pixel_accuracy'][i])} | {percent(trimap[k]['miou'][i])}" for k in trimap)
             lines.append(f"| {w} | {cells} |")
         lines += ["", "![trimap](trimap.png)"]
+    lines += learned_lines(ctx)
     lines += _figures(ctx, trimap)
     secs = layout.stage_seconds()
     if secs:
@@ -165,6 +167,40 @@ def write_report(ctx: RunContext, metrics: dict, trimap: dict) -> str:
     text = "\n".join(lines) + "\n"
     atomic_write_text(layout.report, text)
     return text
+
+
+def learned_lines(ctx: RunContext) -> list[str]:
+    """The report's "Learned CRF" section (issue #24): no CRF / the grid's best / the fitted CRF on the search's
+    held-out images (``learned.json``), the fitted values, and which CRF the crf stage ran. [] without a fit."""
+    try:
+        learned = ctx.layout.read_learned()
+    except ValueError as exc:  # the report still comes out, and says why this section does not
+        return ["", "## Learned CRF", "", f"Not shown: {exc}"]
+    if learned is None:
+        return []
+    scores, objective = learned["held_out_scores"], learned["objective"]
+    rec = ctx.layout.read_record("crf") or {}
+    used = ("the learned CRF" if rec.get("learned") else f"not the learned CRF ({rec.get('params_from')}; "
+            "crf.use_learned / crf.use_search)") if rec and not rec.get("skipped") else "no CRF (the crf stage did not run)"
+    share = "held-out" if scores.get("share") == "held_out" else "search (no held-out share: the fit's own)"
+    w = scores["trimap_width"]
+    lines = ["", f"## Learned CRF (crf_search.learn: {', '.join(learned['learn'])})", "",
+             f"Fitted by gradient from the grid's best on the search images (crf_search/learned.json); scored on the "
+             f"{scores['images']} {share} images. The crf stage used {used} (its test-set numbers: the tables above).",
+             "",
+             f"| CRF on the {share} images | mIoU % | pixel acc. % | trimap mIoU % ({w} px) |", "|---|---|---|---|"]
+    grid = ", ".join(f"{k} {v:g}" for k, v in learned["grid_best"].items() if k != "iterations")
+    names = {"no_crf": "no CRF", "grid_best": f"grid best ({grid})",
+             "learned": f"learned w1 {learned['params']['w1']:.4g}, w2 {learned['params']['w2']:.4g}"
+                        + (", C x C compatibility" if "compatibility" in learned["learn"] else "")}
+    for k, name in names.items():
+        m = scores[k]
+        lines.append(f"| {name} | {percent(m['miou'])} | {percent(m['pixel_accuracy'])} | {percent(m['trimap_miou'])} |")
+    held = objective.get("held_out") or {}
+    lines += ["", f"Cross-entropy per labelled pixel (nats), before -> after the fit: fit share "
+              f"{objective['fit']['before']:.4f} -> {objective['fit']['after']:.4f}"
+              + (f", held-out share {held['before']:.4f} -> {held['after']:.4f}." if held else ".")]
+    return lines
 
 
 def _figures(ctx: RunContext, trimap: dict) -> list[str]:
