@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (default: the one the checkpoint records)")
     p.add_argument("--num-classes", type=int, help="fc8 classes (default: the checkpoint's record, else 21)")
     p.add_argument("--crf", action="store_true", help="also run the fully connected CRF")
-    p.add_argument("--params", metavar="w1=..,sigma_alpha=..", help="CRF parameters on top of the run's search "
-                   "best (crf_search/best.json beside the checkpoint's run) or the release's LargeFOV values")
+    p.add_argument("--params", metavar="w1=..,sigma_alpha=..", help="CRF parameters on top of the checkpoint's "
+                   "run's fitted CRF (crf_search/learned.json, unless the run set crf.use_learned: false), else its "
+                   "search best (crf_search/best.json), else the release's LargeFOV values")
     p.add_argument("--out", required=True, help="output folder: dcnn/, crf/, overlay/, predict.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--crf-backend", help="auto (default: torch when it fits the memory budget, else pydensecrf), "

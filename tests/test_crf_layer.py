@@ -228,6 +228,7 @@ def test_bad_forward_inputs_are_named_errors():
     assert fixed.prepare(images).bilateral is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 def test_cuda_gives_the_cpu_values_and_gradients():
     images, scores = small_problem(classes=4, height=20, width=24)
