@@ -78,6 +78,22 @@ def _each_once(value: list[str]) -> list[str]:
 Learnable = Annotated[list[Literal["w1", "w2", "compatibility"]], AfterValidator(_each_once)]
 
 
+def _crf_params(value: Any) -> CRFParams:
+    """A YAML mapping of CRF parameters, the keys left out taken from the release's LargeFOV values."""
+    if isinstance(value, CRFParams):
+        return value
+    if not isinstance(value, dict):
+        raise problem(f"must be a mapping of CRF parameters, got {value!r}")
+    try:
+        return CRFParams.from_dict({**RELEASE_LARGEFOV.to_dict(), **value})
+    except (TypeError, ValueError) as exc:
+        raise problem(f"is invalid: {exc}") from exc
+
+
+#: A ``crf.CRFParams`` key: a YAML mapping, the keys left out the release's LargeFOV values.
+Params = Annotated[CRFParams, PlainValidator(_crf_params)]
+
+
 def _limited(default: Any, must: str = "", **limits: Any) -> Any:
     """A field with pydantic's ``limits`` (``ge``, ``gt``, ``min_length``) whose breach reads ``key '...' must
     <must>, got <value>`` (without ``must``: ``must be >= <ge>`` or ``must be > <gt>``)."""
@@ -111,7 +127,7 @@ class CRFRNNConfig(_Section):
     iterations_train: StrictInt = _limited(5, "be >= 1 mean-field iterations", ge=1)
     iterations_test: StrictInt = _limited(10, "be >= 1 mean-field iterations", ge=1)
     learn: Learnable = ["w1", "w2", "compatibility"]
-    params: Annotated[CRFParams, PlainValidator(lambda v: _crf_params(v))] = RELEASE_LARGEFOV
+    params: Params = RELEASE_LARGEFOV
 
     @field_validator("params")
     @classmethod
@@ -283,18 +299,6 @@ class TestConfig(_Section):
     channels_last: StrictBool = False
 
 
-def _crf_params(value: Any) -> CRFParams:
-    """A YAML mapping of CRF parameters, the keys left out taken from the release's LargeFOV values."""
-    if isinstance(value, CRFParams):
-        return value
-    if not isinstance(value, dict):
-        raise problem(f"must be a mapping of CRF parameters, got {value!r}")
-    try:
-        return CRFParams.from_dict({**RELEASE_LARGEFOV.to_dict(), **value})
-    except (TypeError, ValueError) as exc:
-        raise problem(f"is invalid: {exc}") from exc
-
-
 class CRFConfig(_Section):
     """``crf:`` section: the fully connected CRF (paper Sec. 4.2) run on every test image.
 
@@ -311,7 +315,7 @@ class CRFConfig(_Section):
     """
 
     enabled: StrictBool = True
-    params: Annotated[CRFParams, PlainValidator(_crf_params)] = RELEASE_LARGEFOV
+    params: Params = RELEASE_LARGEFOV
     use_search: StrictBool = True
     use_learned: StrictBool = True
     backend: Literal["auto", "pydensecrf", "torch"] = "auto"

@@ -148,6 +148,7 @@ def run(ctx: RunContext) -> dict:
     )
     mean = summary.crf_seconds / summary.done if summary.done else 0.0
     ctx.log.info(summary.line())
-    return {"params": params.to_dict(), "params_from": origin, "learned": compatibility is not None, "images": len(samples), "seconds_per_image": mean,
-            "backend": choice.backend, "device": choice.device, "backend_requested": c.backend,
-            "backend_reason": choice.reason, "backends": summary.backends, "layout": summary.layout}
+    return {"params": params.to_dict(), "params_from": origin, "learned": compatibility is not None,
+            "images": len(samples), "seconds_per_image": mean, "backend": choice.backend, "device": choice.device,
+            "backend_requested": c.backend, "backend_reason": choice.reason, "backends": summary.backends,
+            "layout": summary.layout}
